@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny U-Net config and a tiny checkpoint trained for a few seconds on MNIST-5k."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
+from data_sources import load_images  # noqa: E402
+from diffusion import GaussianDiffusion  # noqa: E402
+
+TINY_MODEL_CONFIG = {
+    "in_channels": 1,
+    "model_channels": 16,
+    "channel_mult": (1, 2),
+    "num_res_blocks": 1,
+    "attention_resolutions": (),
+    "dropout": 0.0,
+    "num_classes": None,
+}
+TINY_TRAINING_STEPS = 200
+
+
+@pytest.fixture(scope="session")
+def mnist_5k_test() -> tuple[torch.Tensor, torch.Tensor]:
+    return load_images("mnist-5k", "test")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint in this repo's format: a tiny eps-model trained briefly on MNIST-5k (T = 100)."""
+    torch.manual_seed(0)
+    config = {
+        "model": dict(TINY_MODEL_CONFIG),
+        "diffusion": {"T": 100, "schedule": "cosine", "prediction": "eps"},
+        "data": "mnist-5k",
+    }
+    model, diffusion = build_model(config), GaussianDiffusion(**config["diffusion"])
+    images, _ = load_images("mnist-5k", "train")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(TINY_TRAINING_STEPS):
+        batch = images[torch.randint(0, len(images), (32,), generator=generator)]
+        loss = diffusion.training_loss(model, batch, generator=generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    weights = model.state_dict()
+    save_checkpoint(
+        {"version": CHECKPOINT_VERSION, "config": config, "model": weights, "ema": weights, "epoch": 1,
+         "step": TINY_TRAINING_STEPS},
+        path,
+    )
+    return path
