@@ -31,6 +31,7 @@ from torch import nn
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("eps", "v")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+DEFAULT_FAST_STEPS = 50  # model evaluations of DDIM and DPM-Solver++ when steps is not given
 COSINE_OFFSET = 0.008  # s in Nichol & Dhariwal eq. 17
 MAX_BETA = 0.999  # clip of the cosine betas (Nichol & Dhariwal, section 3.2)
 LINEAR_BETA_START, LINEAR_BETA_END = 1e-4, 0.02  # Ho et al. section 4, scaled for T = 1000
@@ -255,8 +256,10 @@ class GaussianDiffusion(nn.Module):
     def timesteps(self, sampler: str, steps: int | None, start_t: int) -> list[int]:
         """The timesteps a sampler evaluates the model at, from start_t down to 0.
 
-        DDPM visits every step. DDIM and DPM-Solver++ visit `steps` evenly spaced ones that
-        start at start_t and end at 0 (so with start_t = 999 and 10 steps: 999, 888, ..., 111, 0).
+        DDPM visits every step. DDIM visits `steps` evenly spaced ones that start at start_t and end
+        at 0 (start_t = 999, 10 steps: 999, 888, ..., 111, 0). DPM-Solver++ spaces them evenly in
+        sqrt(t) (DDIM's "quadratic" spacing, section D.2), which puts more steps near the data, where
+        its second-order extrapolation needs them.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {SAMPLERS}")
@@ -266,12 +269,17 @@ class GaussianDiffusion(nn.Module):
             if steps is not None and steps != start_t + 1:
                 raise ValueError(f"ddpm runs every step ({start_t + 1} here); use ddim for fewer")
             return list(range(start_t, -1, -1))
-        steps = min(50, start_t + 1) if steps is None else steps
+        steps = min(DEFAULT_FAST_STEPS, start_t + 1) if steps is None else steps
         if not 1 <= steps <= start_t + 1:
             raise ValueError(f"steps must be in [1, {start_t + 1}] to start at t={start_t}, got {steps}")
         if steps == 1:
             return [start_t]
-        return [int(round(s)) for s in np.linspace(start_t, 0, steps)]
+        if sampler == "ddim":
+            return [int(round(s)) for s in np.linspace(start_t, 0, steps)]
+        timesteps = [int(round(s**2)) for s in np.linspace(math.sqrt(start_t), 0, steps)]
+        for i in range(steps - 2, -1, -1):  # keep them distinct where the squares round together
+            timesteps[i] = max(timesteps[i], timesteps[i + 1] + 1)
+        return timesteps
 
     @torch.no_grad()
     def sample_progressive(

@@ -1,0 +1,364 @@
+"""Closed-form checks of diffusion.py: schedules, q and its posterior, the timestep convention,
+and every sampler against exact Gaussian-data propagation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diffusion import GaussianDiffusion, SamplerStep
+
+S = 0.008  # cosine offset of Nichol & Dhariwal eq. 17
+
+
+def cosine_alpha_bar(step: float, T: int) -> float:
+    """Nichol & Dhariwal eq. 17, written out independently of diffusion.py."""
+    f = lambda u: math.cos((u / T + S) / (1 + S) * math.pi / 2) ** 2  # noqa: E731
+    return f(step) / f(0)
+
+
+# ----- schedules ---------------------------------------------------------------------------------
+
+
+def test_linear_schedule_endpoints_and_alpha_bar():
+    diffusion = GaussianDiffusion(T=1000, schedule="linear")
+    assert diffusion.betas[0].item() == pytest.approx(1e-4, rel=1e-6)
+    assert diffusion.betas[-1].item() == pytest.approx(0.02, rel=1e-6)
+    # prod_{i=1}^{1000} (1 - beta_i) with beta linear in [1e-4, 0.02]: 4.036e-5 (computed in float64)
+    assert diffusion.alphas_cumprod[-1].item() == pytest.approx(4.036e-5, rel=1e-3)
+
+
+def test_cosine_schedule_matches_closed_form_and_clips():
+    T = 1000
+    diffusion = GaussianDiffusion(T=T, schedule="cosine")
+    expected = np.array([cosine_alpha_bar(t + 1, T) for t in range(T)])  # index t = paper's t+1
+    betas = diffusion.betas.double().numpy()
+    unclipped = betas < 0.999
+    assert unclipped[:-1].all() and not unclipped[-1]  # only the last beta hits the 0.999 clip
+    np.testing.assert_allclose(diffusion.alphas_cumprod.double().numpy()[:-1], expected[:-1], rtol=1e-5)
+    assert betas[-1] == pytest.approx(0.999, rel=1e-6)
+
+
+def test_buffers_are_float32_follow_the_module_and_are_not_weights():
+    diffusion = GaussianDiffusion(T=10)
+    names = [
+        "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+        "posterior_mean_coef1", "posterior_mean_coef2",
+    ]  # fmt: skip
+    for name in names:
+        buffer = getattr(diffusion, name)
+        assert buffer.dtype == torch.float32 and buffer.shape == (10,), name
+    assert dict(diffusion.state_dict()) == {}
+    assert diffusion.to("meta").betas.device.type == "meta"
+    assert GaussianDiffusion(**diffusion.config()).config() == diffusion.config()
+
+
+def test_posterior_variance_pinned_values_linear():
+    # Same golden values as diffusers' DDPM scheduler test (linear betas 1e-4..0.02, T=1000).
+    variance = GaussianDiffusion(T=1000, schedule="linear").posterior_variance
+    assert variance[0].item() == 0.0
+    assert variance[487].item() == pytest.approx(0.00979, abs=1e-5)
+    assert variance[999].item() == pytest.approx(0.02, abs=1e-5)
+
+
+@pytest.mark.parametrize("bad", [{"T": 1}, {"schedule": "quadratic"}, {"prediction": "x0"}])
+def test_rejects_bad_configuration(bad):
+    with pytest.raises(ValueError):
+        GaussianDiffusion(**bad)
+
+
+# ----- timestep convention -----------------------------------------------------------------------
+
+
+def test_timestep_convention_index_t_is_paper_step_t_plus_1():
+    diffusion = GaussianDiffusion(T=1000, schedule="linear")
+    # index 0 is the paper's step 1: alpha_bar_1 = 1 - beta_1, and alpha_bar_0 = 1 is the "prev" of index 0
+    assert diffusion.alphas_cumprod[0].item() == pytest.approx(1 - 1e-4, abs=1e-7)
+    assert diffusion.alphas_cumprod_prev[0].item() == 1.0
+    assert diffusion.timesteps("ddim", 10, 999) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    assert diffusion.timesteps("ddpm", None, 999) == list(range(999, -1, -1))
+    assert diffusion.timesteps("ddim", 1, 999) == [999]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "start_t"), [("ddim", 0, 999), ("ddim", 1001, 999), ("ddim", 5, 3), ("ddpm", 5, 999)]
+)
+def test_timesteps_rejects_impossible_requests(sampler, steps, start_t):
+    with pytest.raises(ValueError):
+        GaussianDiffusion(T=1000).timesteps(sampler, steps, start_t)
+
+
+# ----- forward process and posterior --------------------------------------------------------------
+
+
+def test_q_sample_statistics():
+    diffusion = GaussianDiffusion(T=1000)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.full((4096, 1, 28, 28), 0.5)
+    for t in (0, 300, 999):
+        batch_t = torch.full((4096,), t)
+        x_t = diffusion.q_sample(x0, batch_t, torch.randn(x0.shape, generator=generator))
+        alpha_bar = cosine_alpha_bar(t + 1, 1000) if t < 999 else diffusion.alphas_cumprod[t].item()
+        assert x_t.mean().item() == pytest.approx(math.sqrt(alpha_bar) * 0.5, abs=2e-3)
+        assert x_t.var().item() == pytest.approx(1 - alpha_bar, abs=2e-3)
+
+
+def test_q_posterior_equals_product_of_gaussians():
+    diffusion = GaussianDiffusion(T=1000, schedule="linear")
+    betas = np.linspace(1e-4, 0.02, 1000)
+    alpha_bar = np.cumprod(1 - betas)
+    x0, x_t = torch.randn(6, 1, 4, 4), torch.randn(6, 1, 4, 4)
+    t = torch.tensor([1, 2, 50, 487, 900, 999])
+    mean, variance = diffusion.q_posterior(x0, x_t, t)
+    for i, step in enumerate(t.tolist()):
+        # q(x_{t-1} | x_0) = N(sqrt(ab_prev) x_0, 1 - ab_prev); q(x_t | x_{t-1}) = N(sqrt(1 - b) x_{t-1}, b)
+        prior_var, beta = 1 - alpha_bar[step - 1], betas[step]
+        precision = 1 / prior_var + (1 - beta) / beta
+        expected_mean = (
+            math.sqrt(alpha_bar[step - 1]) * x0[i].double() / prior_var
+            + math.sqrt(1 - beta) * x_t[i].double() / beta
+        ) / precision
+        assert variance[i].item() == pytest.approx(1 / precision, rel=1e-4)
+        torch.testing.assert_close(mean[i].double(), expected_mean, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_predict_x0_inverts_q_sample(prediction):
+    diffusion = GaussianDiffusion(T=1000, prediction=prediction)
+    x0, noise = torch.rand(5, 1, 8, 8) * 2 - 1, torch.randn(5, 1, 8, 8)
+    t = torch.tensor([0, 10, 500, 900, 998])
+    x_t = diffusion.q_sample(x0, t, noise)
+    target = diffusion.training_target(x0, t, noise)
+    torch.testing.assert_close(diffusion.predict_x0(x_t, t, target), x0, atol=2e-4, rtol=0)
+    torch.testing.assert_close(diffusion.predict_eps(x_t, t, x0), noise, atol=2e-3, rtol=0)
+
+
+# ----- the closed-form denoiser for Gaussian data -----------------------------------------------
+
+
+class GaussianOracle(nn.Module):
+    """The exact E[eps | x_t] (or E[v | x_t]) when every pixel of x0 is N(mu, s^2) independently."""
+
+    def __init__(self, diffusion: GaussianDiffusion, mu: float, s: float):
+        super().__init__()
+        self.diffusion, self.mu, self.s = diffusion, mu, s
+
+    def forward(self, x_t, t, labels=None):
+        alpha_bar = self.diffusion.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
+        x_t = x_t.double()
+        eps = (
+            (1 - alpha_bar).sqrt()
+            * (x_t - alpha_bar.sqrt() * self.mu)
+            / (alpha_bar * self.s**2 + 1 - alpha_bar)
+        )
+        if self.diffusion.prediction == "eps":
+            return eps.float()
+        x0 = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        return (alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0).float()
+
+
+def oracle_affine(alpha_bar: float, mu: float, s: float) -> tuple[float, float, float, float]:
+    """x0_hat = a0 x_t + b0 and eps_hat = ae x_t + be for the Gaussian oracle at alpha_bar."""
+    ae = math.sqrt(1 - alpha_bar) / (alpha_bar * s**2 + 1 - alpha_bar)
+    be = -ae * math.sqrt(alpha_bar) * mu
+    a0 = (1 - math.sqrt(1 - alpha_bar) * ae) / math.sqrt(alpha_bar)
+    b0 = -math.sqrt(1 - alpha_bar) * be / math.sqrt(alpha_bar)
+    return a0, b0, ae, be
+
+
+def propagate_ddpm(alpha_bar: np.ndarray, mu: float, s: float) -> tuple[float, float]:
+    """Exact mean and std after the full ancestral chain from x_{T-1} ~ N(0, 1) (Algorithm 2)."""
+    mean, var = 0.0, 1.0
+    for t in range(len(alpha_bar) - 1, -1, -1):
+        a0, b0, _, _ = oracle_affine(alpha_bar[t], mu, s)
+        if t == 0:
+            return a0 * mean + b0, math.sqrt(a0**2 * var)
+        prev, beta = alpha_bar[t - 1], 1 - alpha_bar[t] / alpha_bar[t - 1]
+        coef1 = beta * math.sqrt(prev) / (1 - alpha_bar[t])
+        coef2 = (1 - prev) * math.sqrt(1 - beta) / (1 - alpha_bar[t])
+        a, b = coef1 * a0 + coef2, coef1 * b0
+        mean, var = a * mean + b, a**2 * var + beta * (1 - prev) / (1 - alpha_bar[t])
+
+
+def propagate_deterministic(alpha_bar: np.ndarray, steps: list[int], mu: float, s: float, solver: str):
+    """Exact mean and std of DDIM (eta = 0) or DPM-Solver++(2M): x = a x_T + b throughout."""
+    a, b = 1.0, 0.0  # x = a * x_T + b with x_T ~ N(0, 1)
+    ab = lambda t: 1.0 if t < 0 else alpha_bar[t]  # noqa: E731
+    lam = lambda t: 0.5 * math.log(ab(t) / (1 - ab(t)))  # noqa: E731
+    previous = None
+    for i, t in enumerate(steps):
+        t_prev = steps[i + 1] if i + 1 < len(steps) else -1
+        a0, b0, ae, be = oracle_affine(ab(t), mu, s)
+        x0 = (a0 * a, a0 * b + b0)
+        if solver == "ddim" or t_prev < 0:
+            eps = (ae * a, ae * b + be)
+            new = [math.sqrt(ab(t_prev)) * x0[k] + math.sqrt(1 - ab(t_prev)) * eps[k] for k in range(2)]
+        else:
+            h = lam(t_prev) - lam(t)
+            data = x0
+            if previous is not None:
+                r = (lam(t) - lam(steps[i - 1])) / h
+                data = tuple((1 + 1 / (2 * r)) * x0[k] - previous[k] / (2 * r) for k in range(2))
+            ratio = math.sqrt((1 - ab(t_prev)) / (1 - ab(t)))
+            coefficient = -math.sqrt(ab(t_prev)) * math.expm1(-h)
+            new = [ratio * (a, b)[k] + coefficient * data[k] for k in range(2)]
+        previous, (a, b) = x0, new
+    return b, abs(a)
+
+
+MU, SIGMA = 0.1, 0.2
+N_SAMPLES = 64  # x 784 pixels = 50k independent draws
+
+
+def sample_moments(diffusion, sampler, steps):
+    oracle = GaussianOracle(diffusion, MU, SIGMA)
+    generator = torch.Generator().manual_seed(0)
+    x = diffusion.sample(oracle, N_SAMPLES, sampler=sampler, steps=steps, generator=generator, clip_x0=False)
+    return x.double().mean().item(), x.double().std().item(), x.numel()
+
+
+def assert_moments_match(sampled, exact_mean, exact_std):
+    mean, std, n = sampled
+    # Monte-Carlo standard errors: std / sqrt(n) for the mean, std / sqrt(2n) for the std; 5 of them
+    assert mean == pytest.approx(exact_mean, abs=5 * exact_std / math.sqrt(n))
+    assert std == pytest.approx(exact_std, abs=5 * exact_std / math.sqrt(2 * n))
+
+
+def test_ddpm_matches_exact_propagation_and_recovers_the_data():
+    diffusion = GaussianDiffusion(T=1000, schedule="cosine")
+    exact_mean, exact_std = propagate_ddpm(diffusion.alphas_cumprod.double().numpy(), MU, SIGMA)
+    assert_moments_match(sample_moments(diffusion, "ddpm", None), exact_mean, exact_std)
+    assert exact_std == pytest.approx(SIGMA, rel=0.02) and exact_mean == pytest.approx(MU, abs=0.002)
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50])
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_fast_samplers_match_exact_propagation(sampler, steps, prediction):
+    diffusion = GaussianDiffusion(T=1000, schedule="cosine", prediction=prediction)
+    timesteps = diffusion.timesteps(sampler, steps, 999)
+    alpha_bar = diffusion.alphas_cumprod.double().numpy()
+    exact_mean, exact_std = propagate_deterministic(alpha_bar, timesteps, MU, SIGMA, sampler)
+    assert_moments_match(sample_moments(diffusion, sampler, steps), exact_mean, exact_std)
+
+
+def test_ddim_std_approaches_the_data_std_with_more_steps():
+    diffusion = GaussianDiffusion(T=1000, schedule="cosine")
+    alpha_bar = diffusion.alphas_cumprod.double().numpy()
+    ratios = [
+        propagate_deterministic(alpha_bar, diffusion.timesteps("ddim", n, 999), MU, SIGMA, "ddim")[1] / SIGMA
+        for n in (10, 20, 50, 200)
+    ]
+    assert ratios == sorted(ratios) and ratios[-1] > 0.95
+    # DDIM's own discretisation error at 20 steps (not a bug): about 0.84 s
+    assert ratios[1] == pytest.approx(0.84, abs=0.02)
+
+
+def test_dpm_solver_beats_ddim_at_few_steps_and_converges():
+    diffusion = GaussianDiffusion(T=1000, schedule="cosine")
+    alpha_bar = diffusion.alphas_cumprod.double().numpy()
+
+    def std_error(sampler, steps):
+        timesteps = diffusion.timesteps(sampler, steps, 999)
+        return abs(propagate_deterministic(alpha_bar, timesteps, MU, SIGMA, sampler)[1] - SIGMA) / SIGMA
+
+    for steps in (10, 20, 50):
+        assert std_error("dpm++2m", steps) < std_error("ddim", steps)
+    # values of this closed form: 20 steps 2.5 %, 50 steps 0.26 %, 100 steps 0.02 % off the data std
+    assert std_error("dpm++2m", 20) < 0.03 and std_error("dpm++2m", 100) < 0.001
+
+
+def test_dpm_solver_timesteps_are_quadratic_distinct_and_end_at_zero():
+    diffusion = GaussianDiffusion(T=1000)
+    assert diffusion.timesteps("dpm++2m", 10, 999) == [999, 789, 604, 444, 308, 197, 111, 49, 12, 0]
+    short = diffusion.timesteps("dpm++2m", 5, 10)
+    assert short == [10, 6, 3, 1, 0]
+
+
+# ----- the reverse step, progressive sampling, guidance, loss ----------------------------------
+
+
+def test_reverse_step_at_t0_returns_the_x0_prediction_without_noise():
+    diffusion = GaussianDiffusion(T=100)
+    oracle = GaussianOracle(diffusion, MU, SIGMA)
+    x = torch.randn(3, 1, 28, 28)
+    first = diffusion._reverse_step(oracle, x, 0, torch.Generator().manual_seed(0))
+    second = diffusion._reverse_step(oracle, x, 0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(first[0], first[1])
+    torch.testing.assert_close(first[0], second[0])
+
+
+def test_sample_progressive_yields_each_step_then_the_result():
+    diffusion = GaussianDiffusion(T=100)
+    oracle = GaussianOracle(diffusion, MU, SIGMA)
+    steps = list(diffusion.sample_progressive(oracle, 2, sampler="ddim", steps=5))
+    assert [step.t for step in steps] == [99, 74, 50, 25, 0, -1]
+    assert all(isinstance(step, SamplerStep) and step.x_t.shape == (2, 1, 28, 28) for step in steps)
+    torch.testing.assert_close(steps[-1].x_t, steps[-2].pred_x0)
+
+
+def test_reconstruct_starts_from_noised_images_at_t():
+    diffusion = GaussianDiffusion(T=100)
+    oracle = GaussianOracle(diffusion, MU, SIGMA)
+    x0 = torch.full((2, 1, 28, 28), 0.3)
+    steps = list(diffusion.reconstruct(oracle, x0, 40, generator=torch.Generator().manual_seed(0)))
+    assert [s.t for s in steps][:3] == [40, 39, 38] and steps[-1].t == -1 and len(steps) == 42
+    x_start = steps[0].x_t
+    assert x_start.mean().item() == pytest.approx(diffusion.sqrt_alphas_cumprod[40].item() * 0.3, abs=0.05)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    diffusion = GaussianDiffusion(T=50)
+    oracle = GaussianOracle(diffusion, MU, SIGMA)
+    runs = [diffusion.sample(oracle, 2, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    other = diffusion.sample(oracle, 2, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(runs[0], other)
+
+
+class LabelEcho(nn.Module):
+    """A stand-in network whose output is its label (null label 10) broadcast to the image."""
+
+    num_classes = 10
+
+    def forward(self, x, t, labels):
+        return labels.float().reshape(-1, 1, 1, 1).expand_as(x)
+
+
+def test_classifier_free_guidance_mixes_conditional_and_null_predictions():
+    diffusion, model = GaussianDiffusion(T=10), LabelEcho()
+    x, t, labels = torch.zeros(2, 1, 4, 4), torch.tensor([3, 3]), torch.tensor([2, 7])
+    plain = diffusion.model_output(model, x, t, labels, guidance=1.0)
+    guided = diffusion.model_output(model, x, t, labels, guidance=3.0)
+    torch.testing.assert_close(plain[:, 0, 0, 0], torch.tensor([2.0, 7.0]))
+    # uncond + w (cond - uncond) = 10 + 3 (label - 10)
+    torch.testing.assert_close(guided[:, 0, 0, 0], torch.tensor([10 + 3 * (2 - 10.0), 10 + 3 * (7 - 10.0)]))
+
+
+class Zeros(nn.Module):
+    def forward(self, x, t, labels=None):
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_training_loss_is_algorithm_1_with_min_snr_weights(prediction):
+    diffusion = GaussianDiffusion(T=1000, prediction=prediction)
+    x0 = torch.rand(64, 1, 28, 28) * 2 - 1
+    loss = diffusion.training_loss(Zeros(), x0, min_snr_gamma=5.0, generator=torch.Generator().manual_seed(0))
+    # the same draws, by hand: t ~ U{0..T-1}, eps ~ N(0, I), target eps or v, weight min(snr, 5)/(snr [+1])
+    generator = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (64,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    alpha_bar = diffusion.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    target = noise if prediction == "eps" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    snr = alpha_bar.flatten() / (1 - alpha_bar.flatten())
+    weight = snr.clamp(max=5.0) / (snr if prediction == "eps" else snr + 1)
+    expected = (weight * target.pow(2).mean(dim=(1, 2, 3))).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = diffusion.training_loss(Zeros(), x0, generator=torch.Generator().manual_seed(0))
+    assert plain.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
