@@ -53,8 +53,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
     weights = model.state_dict()
     save_checkpoint(
-        {"version": CHECKPOINT_VERSION, "config": config, "model": weights, "ema": weights, "epoch": 1,
-         "step": TINY_TRAINING_STEPS},
+        {
+            "version": CHECKPOINT_VERSION,
+            "config": config,
+            "model": weights,
+            "ema": weights,
+            "epoch": 1,
+            "step": TINY_TRAINING_STEPS,
+        },
         path,
     )
     return path

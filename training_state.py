@@ -1,0 +1,168 @@
+"""Everything a training run needs to resume bit-exactly: weights, EMA, optimizer, RNG, data position.
+
+`TrainingState` holds the U-Net, its EMA (`torch.optim.swa_utils.AveragedModel`), the AdamW
+optimizer, the LR scheduler, the grad scaler and the position in the run (step, epoch, batch), and
+turns them into the checkpoint dict of `checkpointing.py` and back. RNG states (torch CPU/CUDA,
+NumPy, Python) are stored as tensors and plain values so the checkpoint loads with
+`torch.load(weights_only=True)`. The data order needs no state of its own: epoch e is shuffled by a
+generator seeded with data_seed + e, as DistributedSampler does.
+
+The EMA decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (the schedule of
+TensorFlow's ExponentialMovingAverage with num_updates), so early weights do not dominate.
+
+Example:
+    state = TrainingState.create(model, optimizer, scheduler, scaler, ema_decay=0.9999, data_seed=0)
+    checkpoint = state.to_checkpoint(config, [capture_rng_states(device)])
+    state.restore(load_checkpoint("checkpoints/last.pt"), "checkpoints/last.pt")
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from checkpointing import CHECKPOINT_VERSION, CheckpointError
+from model import UNet
+
+EMA_WARMUP_OFFSET = 10  # decay = min(decay, (1 + n) / (EMA_WARMUP_OFFSET + n))
+RESUME_KEYS = (
+    "ema",
+    "ema_n_averaged",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "step",
+    "epoch",
+    "batch_in_epoch",
+    "data_seed",
+    "rng",
+)
+
+
+def ema_decay_after(n_averaged: int, max_decay: float) -> float:
+    """The decay of the EMA update that follows n_averaged earlier updates (n >= 1)."""
+    return min(max_decay, (1 + n_averaged) / (EMA_WARMUP_OFFSET + n_averaged))
+
+
+def warmup_ema(model: UNet, max_decay: float) -> AveragedModel:
+    """An AveragedModel over model's parameters and buffers with the warm-up decay above.
+
+    Its first update copies the weights; update k + 1 blends in the model with weight 1 - decay(k).
+    """
+
+    def update(ema_parameters, model_parameters, n_averaged: torch.Tensor) -> None:
+        decay = ema_decay_after(int(n_averaged), max_decay)
+        get_ema_multi_avg_fn(decay)(ema_parameters, model_parameters, n_averaged)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
+def capture_rng_states(device: torch.device) -> dict[str, Any]:
+    """The torch (CPU and device), NumPy and Python RNG states, as tensors and plain values."""
+    _, numpy_keys, numpy_position, has_gauss, cached_gaussian = np.random.get_state()
+    python_version, python_internal, python_gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {
+            "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+            "position": int(numpy_position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {
+            "version": python_version,
+            "internal": torch.tensor(python_internal, dtype=torch.int64),
+            "gauss_next": python_gauss_next,
+        },
+    }
+
+
+def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    """Inverse of capture_rng_states."""
+    torch.set_rng_state(states["torch"].cpu())
+    if device.type == "cuda" and states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+    numpy_state = states["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = states["python"]
+    random.setstate(
+        (python_state["version"], tuple(python_state["internal"].tolist()), python_state["gauss_next"])
+    )
+
+
+@dataclass
+class TrainingState:
+    """The mutable state of a run; `epoch` counts finished epochs, `batch_in_epoch` the batches of
+    the current one already trained on."""
+
+    model: UNet
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    data_seed: int
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    @classmethod
+    def create(cls, model, optimizer, scheduler, scaler, ema_decay: float, data_seed: int) -> TrainingState:
+        return cls(model, warmup_ema(model, ema_decay), optimizer, scheduler, scaler, data_seed)
+
+    def to_checkpoint(self, config: dict[str, Any], rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint dict; rng_states holds one entry per DDP rank (one without DDP)."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": config,
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict(),
+            "ema_n_averaged": int(self.ema.n_averaged),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "data_seed": self.data_seed,
+            "rng": rng_states,
+        }
+
+    def restore(self, checkpoint: dict[str, Any], path: str | Path) -> None:
+        """Load everything but the RNG states; a CheckpointError if it does not fit."""
+        missing = [key for key in RESUME_KEYS if key not in checkpoint]
+        if missing:
+            raise CheckpointError(
+                f"{path} has no training state ({', '.join(missing)}): it can be evaluated but not resumed"
+            )
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.ema.module.load_state_dict(checkpoint["ema"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"{path} does not fit this model: {first_line}") from None
+        self.ema.n_averaged.fill_(checkpoint["ema_n_averaged"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["scaler"]:  # empty when saved without fp16
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = (
+            checkpoint["step"],
+            checkpoint["epoch"],
+            checkpoint["batch_in_epoch"],
+        )
+        self.data_seed = checkpoint["data_seed"]
