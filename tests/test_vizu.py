@@ -1,0 +1,224 @@
+"""vizu_MNIST.py: every output file with the right number of rows and frames, the per-step metrics of the
+closed-form optimal denoiser for Gaussian data, the t-sweep of a trained tiny model, and bad input.
+
+All runs use the session's tiny checkpoint (T = 100, trained for a few seconds) and a handful of steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL_CONFIG
+from PIL import Image
+from torch import nn
+
+import vizu_MNIST as vizu
+from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint
+from cli import USER_ERROR_EXIT_CODE, run_cli
+from diffusion import GaussianDiffusion
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while this module runs: on the shared 2-core machine two threads per process
+    oversubscribe the cores (measured ~1 s vs 0.15 s per tiny training step under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_vizu(checkpoint: Path, out_dir: Path, flags: str) -> None:
+    """vizu_MNIST.main in-process on the CPU, with space-separated extra flags."""
+    vizu.main(["--checkpoint", str(checkpoint), "--out-dir", str(out_dir), "--device", "cpu", *flags.split()])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def gif_frame_count(path: Path) -> int:
+    with Image.open(path) as gif:
+        return gif.n_frames
+
+
+def test_reconstruction_writes_every_file(tiny_checkpoint, tmp_path):
+    # ddim from t = 30 in 8 evaluations: 30, 26, 21, 17, 13, 9, 4, 0, then the finished image (t = -1)
+    run_vizu(tiny_checkpoint, tmp_path, "--index 0,5,7 --t 30 --sampler ddim --steps 8")
+    for name in ("original.png", "noised.png", "denoised.png", "strip.png", "curves.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == "PNG" and picture.width > 28
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert len(rows) == 3 * (8 + 1)
+    assert list(rows[0]) == ["step", "t", "image", "x0_change", "mse_xt", "ssim_xt", "mse_x0", "ssim_x0"]
+    assert sorted({int(row["t"]) for row in rows}, reverse=True) == [30, 26, 21, 17, 13, 9, 4, 0, -1]
+    assert {int(row["image"]) for row in rows} == {0, 5, 7}
+    assert gif_frame_count(tmp_path / "reverse.gif") == 8 + 1
+
+
+def test_ddpm_gif_keeps_at_most_gif_frames(tiny_checkpoint, tmp_path):
+    run_vizu(tiny_checkpoint, tmp_path, "--num-images 2 --t 12 --gif-frames 5")
+    assert len(read_csv(tmp_path / "metrics.csv")) == 2 * (12 + 1 + 1)  # DDPM: every step, then finished
+    assert gif_frame_count(tmp_path / "reverse.gif") == 5
+
+
+def test_t_sweep_table_csv_plot_and_small_t_beats_pure_noise(tiny_checkpoint, tmp_path, capsys):
+    run_vizu(
+        tiny_checkpoint, tmp_path, "--t-sweep --sweep-t 5,50,150 --num-images 8 --sampler ddim --steps 10"
+    )
+    rows = read_csv(tmp_path / "t_sweep.csv")
+    assert [int(row["t"]) for row in rows] == [5, 50, 99]  # 150 >= T = 100 is clipped to T-1
+    assert [int(row["evaluations"]) for row in rows] == [6, 10, 10]  # --steps is capped at t+1
+    assert (tmp_path / "t_sweep.png").stat().st_size > 0
+    output = capsys.readouterr().out
+    assert "clipped to t = 99" in output and "start t" in output
+    ssim_at = {int(row["t"]): float(row["ssim_mean"]) for row in rows}
+    assert ssim_at[5] > ssim_at[99] + 0.3  # the trained tiny model: near-clean input keeps the digit
+
+
+def test_generation_writes_every_file(tiny_checkpoint, tmp_path):
+    run_vizu(tiny_checkpoint, tmp_path, "--generate --num-images 2 --sampler ddim --steps 6")
+    for name in ("generated.png", "strip.png", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert len(rows) == 2 * (6 + 1) and list(rows[0]) == ["step", "t", "image", "x0_change"]
+    assert int(rows[0]["t"]) == 99 and int(rows[-1]["t"]) == -1
+    assert gif_frame_count(tmp_path / "reverse.gif") == 6 + 1
+
+
+@pytest.fixture(scope="module")
+def conditional_checkpoint(tmp_path_factory) -> Path:
+    """An untrained class-conditional tiny U-Net: enough to run --label and --guidance.
+
+    The U-Net zero-initialises its output layer; random weights there make the prediction move."""
+    torch.manual_seed(0)
+    config = {
+        "model": dict(TINY_MODEL_CONFIG, num_classes=10),
+        "diffusion": {"T": 100, "schedule": "cosine", "prediction": "eps"},
+        "data": "mnist-5k",
+    }
+    model = build_model(config)
+    for parameter in model.output.parameters():
+        nn.init.normal_(parameter, std=0.1)
+    path = tmp_path_factory.mktemp("conditional") / "conditional.pt"
+    save_checkpoint({"version": CHECKPOINT_VERSION, "config": config, "model": model.state_dict()}, path)
+    return path
+
+
+def test_class_conditional_generation_with_guidance(conditional_checkpoint, tmp_path):
+    run_vizu(
+        conditional_checkpoint,
+        tmp_path,
+        "--generate --num-images 2 --label 3 --guidance 2.0 --sampler ddim --steps 4",
+    )
+    assert len(read_csv(tmp_path / "metrics.csv")) == 2 * (4 + 1)
+    assert gif_frame_count(tmp_path / "reverse.gif") == 4 + 1
+
+
+class GaussianOptimalDenoiser(nn.Module):
+    """The exact E[eps | x_t] when every pixel of x0 is independently N(mu, std^2).
+
+    x_t = sqrt(ab) x0 + sqrt(1 - ab) eps is jointly Gaussian with eps: Cov(eps, x_t) = sqrt(1 - ab) and
+    Var(x_t) = ab std^2 + 1 - ab, so E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) mu) / (ab std^2 + 1 - ab).
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, mu: torch.Tensor, std: float):
+        super().__init__()
+        self.diffusion, self.mu, self.std = diffusion, mu, std
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        alpha_bar = self.diffusion.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return (
+            (1 - alpha_bar).sqrt()
+            * (x - alpha_bar.sqrt() * self.mu)
+            / (alpha_bar * self.std**2 + 1 - alpha_bar)
+        )
+
+
+def test_optimal_gaussian_denoiser_trajectory_follows_closed_form():
+    """With the optimal denoiser the recorded curves follow closed forms.
+
+    x_t approaches the data, so its MSE falls towards the end. The first x0-hat is the Bayes estimate
+    E[x0 | x_start], whose per-pixel MSE is the posterior variance
+    P(t) = std^2 (1 - ab) / (ab std^2 + 1 - ab).
+    Later x0-hats estimate the sample the chain is heading to, an independent posterior draw, so their
+    MSE against the original is 2 P(start) - P(t): it rises from P(start) to 2 P(start) and never falls
+    below the Bayes bound. Values are on the [0, 1] scale (divide by 4). Tolerance: 10%, measured within
+    2% before the last few steps and 7% at the finished image (DDPM's reverse variance is beta_tilde,
+    smaller than the exact reverse of Gaussian data).
+    """
+    torch.manual_seed(0)
+    diffusion, std, start = GaussianDiffusion(T=100), 0.2, 99
+    mu = torch.linspace(-0.3, 0.3, 28).expand(1, 1, 28, 28)  # within [-1, 1] by 3.5 std: no clipping
+    originals = mu + std * torch.randn(16, 1, 28, 28)
+    model = GaussianOptimalDenoiser(diffusion, mu, std)
+    generator = torch.Generator().manual_seed(0)
+    trajectory = vizu.reconstruction_trajectory(model, diffusion, originals, start, "ddpm", None, generator)
+
+    mse_xt = trajectory.metrics["mse_xt"].mean(1)
+    assert mse_xt[-1] < 0.3 * mse_xt[0]
+    assert mse_xt[-len(mse_xt) // 4 :].max() < mse_xt[: len(mse_xt) // 4].min()
+
+    alpha_bar = diffusion.alphas_cumprod.double().numpy()
+    posterior_variance = std**2 * (1 - alpha_bar) / (alpha_bar * std**2 + 1 - alpha_bar) / 4
+    ts = np.array(trajectory.timesteps)
+    expected = 2 * posterior_variance[start] - np.where(ts >= 0, posterior_variance[np.maximum(ts, 0)], 0.0)
+    mse_x0 = trajectory.metrics["mse_x0"].mean(1)
+    np.testing.assert_allclose(mse_x0[0], posterior_variance[start], rtol=0.05)
+    np.testing.assert_allclose(mse_x0, expected, rtol=0.10)
+    assert mse_x0.min() > 0.95 * posterior_variance[start]
+
+
+@pytest.fixture(scope="module")
+def corrupt_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corrupt") / "corrupt.pt"
+    path.write_bytes(b"not a checkpoint")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--t 100", "--t must be in [0, 99]"),
+        ("--t -1", "--t must be in [0, 99]"),
+        ("--t 30 --sampler ddim --steps 32", "steps must be in [1, 31]"),
+        ("--t 30 --steps 10", "ddpm runs every step"),
+        ("--t-sweep --sweep-t 5,50 --steps 10", "ddpm runs every step"),
+        ("--t 10 --index 1,x", "--index"),
+        ("--t 10 --index 1000", "outside the test split [0, 999]"),
+        ("--t 10 --label 3", "need a class-conditional checkpoint"),
+        ("--generate --t-sweep", "separate modes"),
+        ("--checkpoint {corrupt}", "not a readable checkpoint"),
+        ("--checkpoint {missing}", "no checkpoint file"),
+        ("--out-dir {blocked}", "cannot create output folder"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    tiny_checkpoint, corrupt_checkpoint, tmp_path, capsys, flags, message
+):
+    (tmp_path / "a_file").write_text("")
+    flags = flags.format(
+        corrupt=corrupt_checkpoint, missing=tmp_path / "missing.pt", blocked=tmp_path / "a_file/out"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: run_vizu(tiny_checkpoint, tmp_path, flags))  # later flags override earlier ones
+    assert exit_info.value.code == USER_ERROR_EXIT_CODE
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and len(error.strip().splitlines()) == 1
+
+
+def test_command_line_reports_a_missing_checkpoint_without_traceback(tmp_path):
+    missing = tmp_path / "missing.pt"
+    command = [sys.executable, "vizu_MNIST.py", "--checkpoint", str(missing), "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == USER_ERROR_EXIT_CODE
+    assert result.stderr.strip() == f"error: no checkpoint file at {missing}"
