@@ -22,6 +22,11 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) / 2).clamp(0, 1)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] in [-1, 1] -> uint8 in 0..255 on the CPU, the inverse of data_sources.to_model_range."""
+    return (to_unit_range(images) * 255).round().to(torch.uint8).cpu()
+
+
 def mse(images: torch.Tensor, references: torch.Tensor) -> np.ndarray:
     """Mean squared error per image on the [0, 1] scale: [B, C, H, W] x2 -> [B]."""
     difference = to_unit_range(images) - to_unit_range(references)
@@ -55,7 +60,7 @@ def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> np.ndarr
     """Tile [N, 1, H, W] images in [-1, 1] into one uint8 array [rows * (H+p), columns * (W+p)]."""
     count, _, height, width = images.shape
     rows = -(-count // columns)
-    pixels = (to_unit_range(images)[:, 0] * 255).round().to(torch.uint8).cpu().numpy()
+    pixels = to_uint8(images)[:, 0].numpy()
     grid = np.zeros((rows * (height + padding) + padding, columns * (width + padding) + padding), np.uint8)
     for index in range(count):
         top = padding + (index // columns) * (height + padding)

@@ -1,0 +1,452 @@
+"""eval_MNIST.py and mnist_classifier.py on CPU, offline, with tens of samples from the tiny checkpoint.
+
+One evaluation run (module fixture) with a classifier trained for one epoch by mnist_classifier's
+own entry point, baselines, and an Inception weights file that does not exist, feeds the report
+tests; the torch-fidelity tests call eval_MNIST's functions directly on 200 real images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch_fidelity import feature_extractor_inceptionv3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+import eval_MNIST
+import image_metrics
+import mnist_classifier
+from checkpointing import CHECKPOINT_VERSION, build_model, load_for_inference, save_checkpoint
+from cli import run_cli
+from data_sources import load_images, write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_SAMPLES = 40
+NUM_REAL = 200  # real images per set in the direct torch-fidelity tests
+RECON_T = (5, 99)  # small t, and T-1 of the tiny checkpoint (T = 100)
+SELF_FID_TOLERANCE = 1e-3  # FID(X, X) is 0 up to the float error of sqrtm-by-eigenvalues
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline(tmp_path_factory):
+    """No test may download: torch.hub looks in an empty folder and every download raises."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to download")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+        patch.setattr(torch.hub, "download_url_to_file", refuse)
+        patch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+        patch.setattr(feature_extractor_inceptionv3, "load_state_dict_from_url", refuse)
+        yield
+
+
+@pytest.fixture(scope="module")
+def classifier_path(tmp_path_factory) -> Path:
+    """A classifier trained for one epoch on MNIST-5k through `python mnist_classifier.py`'s main."""
+    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        mnist_classifier.main(["--data", "mnist-5k", "--epochs", "1", "--out", str(path), "--device", "cpu"])
+    assert "test accuracy" in output.getvalue()
+    return path
+
+
+def run_eval(argv: list[str]) -> tuple[str, str]:
+    """eval_MNIST.main(argv) in this process; returns its stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        eval_MNIST.main(argv)
+    return out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_checkpoint, classifier_path, tmp_path_factory) -> dict:
+    """One full evaluation of the tiny checkpoint, Inception weights missing; its report and output."""
+    folder = tmp_path_factory.mktemp("eval")
+    missing = folder / "weights-inception-missing.pth"
+    argv = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--num-samples",
+        str(NUM_SAMPLES),
+        "--steps",
+        "4",
+        "--classifier",
+        str(classifier_path),
+        "--inception-weights",
+        str(missing),
+        "--baselines",
+        "--recon-t",
+        ",".join(map(str, RECON_T)),
+        "--num-recon",
+        "8",
+        "--json",
+        str(folder / "report.json"),
+        "--cache-dir",
+        str(folder / "cache"),
+        "--device",
+        "cpu",
+    ]
+    stdout, stderr = run_eval(argv)
+    report = json.loads((folder / "report.json").read_text())
+    return {"report": report, "stdout": stdout, "stderr": stderr, "folder": folder, "missing": missing}
+
+
+@pytest.fixture(scope="module")
+def real_images() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    test_images, _ = load_images("mnist-5k", "test")
+    train_images, _ = load_images("mnist-5k", "train")
+    return {
+        "test": test_images[torch.randperm(len(test_images), generator=generator)[:NUM_REAL]],
+        "train": train_images,
+    }
+
+
+def classifier_comparison(classifier_path: Path, reference: torch.Tensor, cache_dir: Path):
+    extractor, _ = eval_MNIST.classifier_extractor(classifier_path, "mnist-5k", None)
+    args = eval_MNIST.parse_args(["--cache-dir", str(cache_dir), "--device", "cpu"])
+    reference_set = eval_MNIST.real_set(reference, "mnist-5k", "test")
+    return extractor, eval_MNIST.Comparison(reference_set, [extractor], args, torch.device("cpu"))
+
+
+# ----- torch-fidelity with the classifier --------------------------------------------------------
+
+
+def test_fid_of_a_set_against_itself_is_zero(classifier_path, real_images, tmp_path):
+    extractor, comparison = classifier_comparison(classifier_path, real_images["test"], tmp_path)
+    same = eval_MNIST.ImageSet(image_metrics.to_uint8(real_images["test"]))
+    metrics = eval_MNIST.fidelity_metrics(same, extractor, comparison)
+    assert abs(metrics["fid"]) < SELF_FID_TOLERANCE
+
+
+def test_fid_of_train_images_is_far_below_noise(classifier_path, real_images, tmp_path):
+    extractor, comparison = classifier_comparison(classifier_path, real_images["test"], tmp_path)
+    sets = eval_MNIST.baseline_sets(real_images["train"], NUM_REAL, "mnist-5k", seed=0)
+    floor = eval_MNIST.fidelity_metrics(sets["train_vs_test"], extractor, comparison)
+    ceiling = eval_MNIST.fidelity_metrics(sets["noise_vs_test"], extractor, comparison)
+    assert 0 < floor["fid"] < ceiling["fid"] / 4
+    assert floor["kid_mean"] < ceiling["kid_mean"]
+    assert floor["is_mean"] > ceiling["is_mean"]  # real digits are confidently classified, noise is not
+
+
+def test_classifier_is_registered_used_by_torch_fidelity_and_reference_cached(
+    classifier_path, real_images, tmp_path, monkeypatch
+):
+    """torch-fidelity builds the registered extractor; the second run reads the reference from its cache."""
+    seen = []
+    forward = mnist_classifier.ClassifierFeatureExtractor.forward
+
+    def counting_forward(self, x):
+        seen.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(mnist_classifier.ClassifierFeatureExtractor, "forward", counting_forward)
+    extractor, comparison = classifier_comparison(classifier_path, real_images["test"], tmp_path)
+    assert FEATURE_EXTRACTORS_REGISTRY[extractor.name] is mnist_classifier.ClassifierFeatureExtractor
+    candidate = eval_MNIST.ImageSet(image_metrics.to_uint8(real_images["train"][:50]))
+
+    first = eval_MNIST.fidelity_metrics(candidate, extractor, comparison)
+    assert sum(seen) == 50 + NUM_REAL
+    assert any(tmp_path.glob(f"*{extractor.sha256[:12]}-mnist-classifier-stat-fid-128.pt"))
+    seen.clear()
+    second = eval_MNIST.fidelity_metrics(candidate, extractor, comparison)
+    assert sum(seen) == 50  # only the candidate: reference features and statistics came from the cache
+    assert second == first
+
+
+# ----- the full run ------------------------------------------------------------------------------
+
+
+def test_report_has_every_key(evaluation):
+    report = evaluation["report"]
+    provenance = report["provenance"]
+    assert set(report) == {"provenance", "metrics", "outputs"}
+    assert set(provenance["checkpoint"]) == {"path", "sha256", "epoch", "step", "weights", "config"}
+    assert len(provenance["checkpoint"]["sha256"]) == 64 and provenance["checkpoint"]["weights"] == "ema"
+    assert (provenance["checkpoint"]["epoch"], provenance["checkpoint"]["step"]) == (1, 200)
+    assert provenance["sampling"] == {
+        "sampler": "ddim",
+        "steps": 4,
+        "eta": 0.0,
+        "guidance": 1.0,
+        "num_samples": NUM_SAMPLES,
+        "batch_size": 250,
+    }
+    assert provenance["seed"] == 0
+    assert set(provenance["data"]) == {"name", "split", "num_reference", "reference_sha256"}
+    assert provenance["data"]["num_reference"] == 1000
+    classifier = provenance["feature_extractors"]["classifier"]
+    assert (
+        classifier["used"]
+        and classifier["name"] == "mnist-classifier"
+        and len(classifier["weights_sha256"]) == 64
+    )
+    assert set(provenance["versions"]) == {
+        "python",
+        "torch",
+        "torchvision",
+        "torch_fidelity",
+        "numpy",
+        "scikit_image",
+    }
+    assert {"device", "command"} <= set(provenance)
+    metrics = report["metrics"]
+    assert set(metrics) == {"generated", "baselines", "cas", "reconstruction"}
+    assert metrics["cas"] is None  # the tiny model is unconditional
+    assert set(metrics["baselines"]) == {"train_vs_test", "noise_vs_test"}
+    for values in [metrics["generated"], *metrics["baselines"].values()]:
+        assert set(values) == {"classifier"}
+        assert set(values["classifier"]) == {
+            "fid",
+            "is_mean",
+            "is_std",
+            "kid_mean",
+            "kid_std",
+            "kid_subset_size",
+            "num_images",
+            "num_reference",
+        }
+        assert all(math.isfinite(value) for value in values["classifier"].values())
+    assert set(metrics["reconstruction"]) == {"num_images", "scale", "per_t"}
+    assert set(metrics["reconstruction"]["scale"]) == {"mse", "psnr", "ssim"}
+
+
+def test_kid_subset_size_adapts_to_few_samples(evaluation):
+    generated = evaluation["report"]["metrics"]["generated"]["classifier"]
+    assert generated["kid_subset_size"] == NUM_SAMPLES < eval_MNIST.KID_SUBSET_SIZE
+
+
+def test_baselines_bracket_the_generated_samples(evaluation):
+    metrics = evaluation["report"]["metrics"]
+    floor = metrics["baselines"]["train_vs_test"]["classifier"]["fid"]
+    ceiling = metrics["baselines"]["noise_vs_test"]["classifier"]["fid"]
+    assert floor < ceiling
+    assert metrics["baselines"]["train_vs_test"]["classifier"]["num_images"] == NUM_SAMPLES
+
+
+def test_reconstruction_from_small_t_beats_the_pure_noise_end(evaluation):
+    per_t = evaluation["report"]["metrics"]["reconstruction"]["per_t"]
+    small, last = per_t[str(RECON_T[0])], per_t[str(RECON_T[1])]
+    assert small["ssim_mean"] > last["ssim_mean"] + 0.3
+    assert small["mse_mean"] < last["mse_mean"] and small["psnr_mean"] > last["psnr_mean"]
+    assert small["steps"] == 4 and last["steps"] == 4  # min(--steps, t + 1)
+
+
+def test_missing_inception_weights_say_one_line_and_classifier_metrics_still_run(evaluation):
+    lines = [line for line in evaluation["stderr"].splitlines() if "Inception" in line]
+    assert len(lines) == 1
+    assert str(evaluation["missing"]) in lines[0] and "--inception-weights PATH" in lines[0]
+    inception = evaluation["report"]["provenance"]["feature_extractors"]["inception"]
+    assert inception == {"used": False, "reason": lines[0].removeprefix("note: ")}
+    assert math.isfinite(evaluation["report"]["metrics"]["generated"]["classifier"]["fid"])
+    assert "classifier FID" in evaluation["stdout"]
+
+
+def test_sample_grid_is_written_beside_the_json(evaluation):
+    grid = evaluation["folder"] / "report_samples.png"
+    assert evaluation["report"]["outputs"]["samples_png"] == str(grid)
+    rows = NUM_SAMPLES // eval_MNIST.GRID_COLUMNS
+    assert Image.open(grid).size == (2 * (10 * 30 + 2), 2 * (rows * 30 + 2))  # 28 px + 2 px padding, x2
+
+
+def test_sampling_is_reproducible_with_the_seed(tiny_checkpoint):
+    model, diffusion, _ = load_for_inference(tiny_checkpoint, torch.device("cpu"))
+    args = eval_MNIST.parse_args(["--num-samples", "3", "--steps", "2", "--batch-size", "2"])
+    first, labels = eval_MNIST.generate_samples(model, diffusion, args, torch.device("cpu"))
+    second, _ = eval_MNIST.generate_samples(model, diffusion, args, torch.device("cpu"))
+    assert first.shape == (3, 1, 28, 28) and labels is None
+    assert torch.equal(first, second)
+
+
+def test_conditional_model_gets_cas_and_a_grid_row_per_class(tmp_path, tiny_checkpoint):
+    """An untrained class-conditional model: CAS runs (near chance) and the grid has 10 rows."""
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["config"]["model"]["num_classes"] = 10
+    weights = build_model(checkpoint["config"]).state_dict()
+    save_checkpoint(
+        checkpoint | {"version": CHECKPOINT_VERSION, "model": weights, "ema": weights}, tmp_path / "c.pt"
+    )
+    run_eval(
+        [
+            "--checkpoint",
+            str(tmp_path / "c.pt"),
+            "--num-samples",
+            "20",
+            "--steps",
+            "2",
+            "--guidance",
+            "2",
+            "--metrics",
+            "cas",
+            "--cas-epochs",
+            "1",
+            "--json",
+            str(tmp_path / "c.json"),
+            "--device",
+            "cpu",
+        ]
+    )
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert 0 <= report["metrics"]["cas"]["cas_accuracy"] <= 1 and report["metrics"]["cas"]["num_train"] == 20
+    assert report["metrics"]["generated"] == {} and report["metrics"]["reconstruction"] is None
+    assert Image.open(tmp_path / "c_samples.png").size == (2 * (2 * 30 + 2), 2 * (10 * 30 + 2))
+
+
+# ----- input checks ------------------------------------------------------------------------------
+
+
+def test_default_reconstruction_timesteps_follow_T():
+    assert eval_MNIST.recon_timesteps(None, 1000) == [50, 100, 250, 500, 750, 999]
+    assert eval_MNIST.recon_timesteps(None, 100) == [50, 99]
+    assert eval_MNIST.recon_timesteps((0, 7), 100) == [0, 7]
+
+
+BAD_INPUTS = {  # case: (arguments, what the one error line must say)
+    "no checkpoint in checkpoints/": ([], "no checkpoint in checkpoints/"),
+    "missing checkpoint": (["--checkpoint", "{tmp}/missing.pt"], "no checkpoint file at"),
+    "corrupt checkpoint": (["--checkpoint", "{tmp}/corrupt.pt"], "not a readable checkpoint"),
+    "truncated checkpoint": (["--checkpoint", "{tmp}/truncated.pt"], "not a readable checkpoint"),
+    "steps 0": (["--checkpoint", "{tiny}", "--steps", "0"], "--steps must be in [1, 100]"),
+    "steps above T": (["--checkpoint", "{tiny}", "--steps", "101"], "--steps must be in [1, 100]"),
+    "t above T-1": (["--checkpoint", "{tiny}", "--recon-t", "5,100"], "--recon-t values must be in [0, 99]"),
+    "negative t": (["--checkpoint", "{tiny}", "--recon-t=-1"], "--recon-t values must be in [0, 99]"),
+    "unwritable output": (
+        ["--checkpoint", "{tiny}", "--json", "{tmp}/a_file/r.json"],
+        "cannot create output",
+    ),
+    "guidance, unconditional": (["--checkpoint", "{tiny}", "--guidance", "3"], "needs a class-conditional"),
+    "corrupt classifier": (
+        ["--checkpoint", "{tiny}", "--classifier", "{tmp}/corrupt.pt", "--json", "{tmp}/r.json"],
+        "corrupt.pt is not readable",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "truncated.pt").write_bytes(tiny_checkpoint.read_bytes()[:2000])
+    (tmp_path / "a_file").write_text("")
+    arguments, message = BAD_INPUTS[case]
+    argv = [argument.format(tmp=tmp_path, tiny=tiny_checkpoint) for argument in arguments]
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ folder for the default --checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: eval_MNIST.main([*argv, "--num-samples", "2", "--device", "cpu"]))
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0]
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "eval_MNIST.py"), "--checkpoint", str(tmp_path / "none.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: no checkpoint file at {tmp_path / 'none.pt'}"]
+
+
+# ----- mnist_classifier --------------------------------------------------------------------------
+
+
+def test_classifier_file_round_trips_and_default_paths_do_not_collide(classifier_path, real_images):
+    model, info = mnist_classifier.load_classifier(classifier_path)
+    assert info["format"] == "mnist-classifier" and info["data"] == "mnist-5k" and info["epochs"] == 1
+    assert 0.1 < info["test_accuracy"] <= 1
+    logits = model(real_images["test"][:4])
+    features = model.features(real_images["test"][:4])
+    assert logits.shape == (4, 10) and features.shape == (4, mnist_classifier.FEATURE_DIM)
+    paths = {
+        mnist_classifier.default_classifier_path(name, None)
+        for name in ("mnist", "mnist-5k", "fashion-mnist")
+    }
+    assert len(paths) == 3
+
+
+def test_corrupt_classifier_file_is_a_user_error(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(mnist_classifier.ClassifierError, match="not readable"):
+        mnist_classifier.load_classifier(tmp_path / "bad.pt")
+
+
+# ----- Inception, with stand-in weights ----------------------------------------------------------
+
+
+@pytest.fixture
+def random_inception_weights(tmp_path, monkeypatch) -> Path:
+    """InceptionV3 weights of the right shapes and random values: for the plumbing, not the numbers."""
+    inception = feature_extractor_inceptionv3.FeatureExtractorInceptionV3
+    monkeypatch.setattr(feature_extractor_inceptionv3, "load_state_dict_from_url", lambda *args, **kwargs: {})
+    monkeypatch.setattr(inception, "load_state_dict", lambda self, state: None)
+    torch.manual_seed(0)
+    path = tmp_path / "inception.pth"
+    torch.save(inception("inception-v3-compat", ["2048"]).state_dict(), path)
+    monkeypatch.undo()
+    return path
+
+
+@pytest.fixture
+def small_idx_dir(tmp_path) -> Path:
+    """A --data-dir of 20 MNIST-5k test digits as both splits, so InceptionV3 runs in seconds on CPU."""
+    images, labels = load_images("mnist-5k", "test")
+    pick = torch.arange(0, len(images), len(images) // 20)
+    pixels = image_metrics.to_uint8(images[pick])[:, 0].numpy()
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    for prefix in ("train", "t10k"):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", pixels)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels[pick].numpy().astype("uint8"))
+    return folder
+
+
+def test_inception_metrics_go_through_torch_fidelity_with_local_weights(
+    tiny_checkpoint, random_inception_weights, small_idx_dir, tmp_path
+):
+    stdout, stderr = run_eval(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--num-samples",
+            "10",
+            "--steps",
+            "2",
+            "--metrics",
+            "inception",
+            "--inception-weights",
+            str(random_inception_weights),
+            "--data-dir",
+            str(small_idx_dir),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+        ]
+    )
+    report = json.loads((tmp_path / "r.json").read_text())
+    inception = report["provenance"]["feature_extractors"]["inception"]
+    assert inception["used"] and inception["weights_sha256"] == eval_MNIST.sha256_of_file(
+        random_inception_weights
+    )
+    assert report["provenance"]["data"] == report["provenance"]["data"] | {
+        "name": "idx-idx",
+        "num_reference": 20,
+    }
+    assert all(math.isfinite(value) for value in report["metrics"]["generated"]["inception"].values())
+    assert any((tmp_path / "cache").glob("idx-idx-test-20-*-inception-v3-compat-stat-fid-2048.pt"))
+    assert "inception FID" in stdout and "Inception" not in stderr
