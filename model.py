@@ -75,7 +75,8 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.num_heads = max(1, channels // ATTENTION_HEAD_CHANNELS)
+        divisible = channels % ATTENTION_HEAD_CHANNELS == 0
+        self.num_heads = channels // ATTENTION_HEAD_CHANNELS if divisible else 1
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))

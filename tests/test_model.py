@@ -24,6 +24,14 @@ def test_output_has_the_input_shape(channel_mult, num_classes):
     assert model(x, t, labels).shape == (3, 1, 28, 28)
 
 
+@pytest.mark.parametrize("model_channels", [8, 24, 50])
+def test_attention_works_for_channel_counts_that_heads_do_not_divide(model_channels):
+    model = UNet(
+        model_channels=model_channels, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(14,)
+    )
+    assert model(torch.randn(2, 1, 28, 28), torch.tensor([3, 4])).shape == (2, 1, 28, 28)
+
+
 def test_default_model_is_light_and_starts_at_zero():
     model = UNet()
     assert 2_000_000 < count_parameters(model) < 10_000_000
