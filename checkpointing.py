@@ -60,17 +60,29 @@ def _current_umask() -> int:
     return umask
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with torch.load(weights_only=True); a CheckpointError says what is wrong."""
+def read_torch_file(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    what: str = "checkpoint",
+    error_class: type[UserError] | None = None,
+) -> Any:
+    """torch.load(path, weights_only=True); a missing or unreadable file is a one-line error_class."""
+    error_class = error_class or CheckpointError
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
+        raise error_class(f"no {what} file at {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (corrupt or truncated: {error})".splitlines()[0]
+        reason = type(error).__name__
+        raise error_class(
+            f"{path} is not a readable {what} (corrupt, truncated or foreign: {reason})"
         ) from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with torch.load(weights_only=True); a CheckpointError says what is wrong."""
+    checkpoint = read_torch_file(path, map_location)
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
         raise CheckpointError(
             f"{path} is not a checkpoint of this repo (needs keys {', '.join(REQUIRED_KEYS)})"

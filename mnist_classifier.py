@@ -21,8 +21,6 @@ Example (about a minute on a 2-core CPU for MNIST-5k):
 from __future__ import annotations
 
 import argparse
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from checkpointing import DEFAULT_CHECKPOINT_DIR, save_checkpoint
+from checkpointing import DEFAULT_CHECKPOINT_DIR, read_torch_file, save_checkpoint
 from cli import UserError, positive_float, positive_int, resolve_device, run_cli, writable_dir
 from data_sources import DATA_SETS, load_images
 
@@ -153,15 +151,7 @@ def load_classifier(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[MnistClassifier, dict[str, Any]]:
     """The classifier in eval mode, and its file's other entries (data, test_accuracy, ...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClassifierError(f"no classifier weights at {path}")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        raise ClassifierError(
-            f"{path} is not readable (corrupt or truncated: {error})".splitlines()[0]
-        ) from None
+    state = read_torch_file(path, device, "classifier file", ClassifierError)
     if not isinstance(state, dict) or state.get("format") != CLASSIFIER_FORMAT:
         raise ClassifierError(f"{path} is not an MNIST classifier file of this repo (mnist_classifier.py)")
     model = MnistClassifier().to(device)

@@ -379,7 +379,7 @@ def test_classifier_file_round_trips_and_default_paths_do_not_collide(classifier
 
 def test_corrupt_classifier_file_is_a_user_error(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(mnist_classifier.ClassifierError, match="not readable"):
+    with pytest.raises(mnist_classifier.ClassifierError, match="not a readable classifier file"):
         mnist_classifier.load_classifier(tmp_path / "bad.pt")
 
 
