@@ -37,8 +37,22 @@ def run_cli(main: Callable[[], None]) -> None:
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default to its help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are UserErrors: run_cli prints one line, not the usage block."""
+    """An ArgumentParser whose errors are UserErrors (run_cli prints one line, not the usage block)
+    and whose --help shows every default."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message} (see {self.prog} --help)")

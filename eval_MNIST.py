@@ -57,6 +57,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from checkpointing import DEFAULT_CHECKPOINT_DIR, latest_checkpoint, load_for_inference
 from cli import (
+    OneLineErrorParser,
     UserError,
     int_tuple,
     positive_int,
@@ -144,7 +145,7 @@ class Uint8Images(Dataset):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add(
         "--checkpoint",

@@ -32,7 +32,15 @@ from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from checkpointing import DEFAULT_CHECKPOINT_DIR, read_torch_file, save_checkpoint
-from cli import UserError, positive_float, positive_int, resolve_device, run_cli, writable_dir
+from cli import (
+    OneLineErrorParser,
+    UserError,
+    positive_float,
+    positive_int,
+    resolve_device,
+    run_cli,
+    writable_dir,
+)
 from data_sources import DATA_SETS, load_images
 
 CLASSIFIER_FORMAT = "mnist-classifier"
@@ -212,7 +220,7 @@ def register_with_torch_fidelity() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=DATA_SETS, default="mnist", help="data set to train and test on")
     parser.add_argument(
         "--data-dir", default=None, help="folder of MNIST-format IDX files (overrides --data)"

@@ -79,9 +79,7 @@ class TrainingDiverged(UserError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = OneLineErrorParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--data", choices=DATA_SETS, default="mnist", help="training set (mnist needs internet once)")
     add("--data-dir", default=None, help="folder of MNIST-format IDX files (overrides --data)")

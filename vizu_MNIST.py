@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from checkpointing import latest_checkpoint, load_for_inference
 from cli import (
+    OneLineErrorParser,
     UserError,
     int_tuple,
     positive_float,
@@ -69,9 +70,7 @@ FINISHED_T = -1  # the t that samplers report for the finished image
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint", default=None, help="checkpoint to load (default: latest in checkpoints/)"
     )

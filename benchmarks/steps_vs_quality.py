@@ -25,7 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.classifier_judge import ClassifierJudge, real_data_floor  # noqa: E402
 from checkpointing import latest_checkpoint, load_for_inference  # noqa: E402
-from cli import UserError, int_tuple, positive_int, resolve_device, run_cli, seed_everything  # noqa: E402
+from cli import (  # noqa: E402
+    OneLineErrorParser,
+    UserError,
+    int_tuple,
+    positive_int,
+    resolve_device,
+    run_cli,
+    seed_everything,
+)
 from data_sources import DATA_SETS, load_images  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from mnist_classifier import default_classifier_path  # noqa: E402
@@ -34,9 +42,7 @@ FEW_STEP_SAMPLERS = ("ddim", "dpm++2m")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--checkpoint", default=None, help="checkpoint to sample (default: newest in checkpoints/)")
     add("--steps", type=int_tuple, default="10,20,50,100", help="step counts for DDIM and DPM-Solver++")

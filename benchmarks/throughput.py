@@ -34,7 +34,15 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reference_models import diffusers_unet, lucidrains_unet_matching  # noqa: E402
-from cli import UserError, int_tuple, positive_int, resolve_device, run_cli, seed_everything  # noqa: E402
+from cli import (  # noqa: E402
+    OneLineErrorParser,
+    UserError,
+    int_tuple,
+    positive_int,
+    resolve_device,
+    run_cli,
+    seed_everything,
+)
 from model import UNet, count_parameters  # noqa: E402
 
 MAX_PARAMETER_MISMATCH = 0.10
@@ -49,9 +57,7 @@ GPU_PEAK_FLOPS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--batch-size", type=positive_int, default=64, help="images per training step / forward pass")
     add("--model-channels", type=positive_int, default=16, help="ours: width of the first level")

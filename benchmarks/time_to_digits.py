@@ -39,6 +39,7 @@ from benchmarks.classifier_judge import ClassifierJudge, real_data_floor  # noqa
 from benchmarks.reference_models import DIFFUSERS_TUNED, diffusers_unet  # noqa: E402
 from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
 from cli import (  # noqa: E402
+    OneLineErrorParser,
     UserError,
     int_tuple,
     non_negative_int,
@@ -65,9 +66,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--minutes", type=positive_float, default=15.0, help="training budget per set-up")
     add(

@@ -328,7 +328,7 @@ BAD_INPUTS = {  # case: (arguments, what the one error line must say)
     "guidance, unconditional": (["--checkpoint", "{tiny}", "--guidance", "3"], "needs a class-conditional"),
     "corrupt classifier": (
         ["--checkpoint", "{tiny}", "--classifier", "{tmp}/corrupt.pt", "--json", "{tmp}/r.json"],
-        "corrupt.pt is not readable",
+        "corrupt.pt is not a readable classifier file",
     ),
 }
 
