@@ -188,7 +188,24 @@ def reconstruction_trajectory(
 
     model is any nn.Module called as model(x_t, t, labels) that predicts what diffusion.prediction says.
     """
-    total = len(diffusion.timesteps(sampler, steps, t)) + 1
+    sampler_steps, total = reconstruction_steps(
+        model, diffusion, originals, t, sampler, steps, generator, labels, guidance
+    )
+    return record_steps(sampler_steps, originals, total)
+
+
+def reconstruction_steps(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    originals: torch.Tensor,
+    t: int,
+    sampler: str,
+    steps: int | None,
+    generator: torch.Generator | None,
+    labels: torch.Tensor | None,
+    guidance: float,
+) -> tuple[Iterable[SamplerStep], int]:
+    """diffusion.reconstruct's step generator from t, and how many SamplerSteps it will yield."""
     sampler_steps = diffusion.reconstruct(
         model,
         originals,
@@ -199,7 +216,7 @@ def reconstruction_trajectory(
         labels=labels,
         guidance=guidance,
     )
-    return record_steps(sampler_steps, originals, total)
+    return sampler_steps, len(diffusion.timesteps(sampler, steps, t)) + 1
 
 
 def generation_trajectory(
@@ -232,17 +249,9 @@ def final_reconstruction(
     guidance: float,
 ) -> torch.Tensor:
     """Only the finished reconstruction from step t: [B, 1, 28, 28] (for the t-sweep)."""
-    sampler_steps = diffusion.reconstruct(
-        model,
-        originals,
-        t,
-        generator=generator,
-        sampler=sampler,
-        steps=steps,
-        labels=labels,
-        guidance=guidance,
+    sampler_steps, total = reconstruction_steps(
+        model, diffusion, originals, t, sampler, steps, generator, labels, guidance
     )
-    total = len(diffusion.timesteps(sampler, steps, t)) + 1
     return deque(tqdm(sampler_steps, total=total, desc=f"t={t}", leave=False), maxlen=1).pop().x_t
 
 
