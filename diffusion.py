@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -325,8 +325,7 @@ class GaussianDiffusion(nn.Module):
 
     def sample(self, model: nn.Module, n: int | None = None, **kwargs) -> torch.Tensor:
         """Run sample_progressive to the end and return the finished samples [n, 1, 28, 28]."""
-        last_step = deque(self.sample_progressive(model, n, **kwargs), maxlen=1).pop()
-        return last_step.x_t
+        return final_sample(self.sample_progressive(model, n, **kwargs))
 
     def reconstruct(
         self,
@@ -394,6 +393,11 @@ class GaussianDiffusion(nn.Module):
         """lambda_t = log(alpha_t / sigma_t) = 0.5 * log(alpha_bar / (1 - alpha_bar))."""
         alpha_bar = self._alpha_bar(t)
         return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+
+def final_sample(steps: Iterable[SamplerStep]) -> torch.Tensor:
+    """Drain a sampler's steps without keeping them and return the finished images (the t = -1 step)."""
+    return deque(steps, maxlen=1).pop().x_t
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -42,7 +42,6 @@ import platform
 import socket
 import sys
 import zipfile
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,7 @@ from cli import (
     writable_dir,
 )
 from data_sources import DATA_SETS, load_images, to_model_range
-from diffusion import SAMPLERS, GaussianDiffusion
+from diffusion import SAMPLERS, GaussianDiffusion, final_sample
 from image_metrics import reconstruction_metrics, save_image_grid, to_uint8
 from mnist_classifier import (
     DEFAULT_EPOCHS,
@@ -490,11 +489,6 @@ def class_accuracy_score(
     }
 
 
-def last_step_x(steps) -> torch.Tensor:
-    """The finished images of a sampler's step iterator (its last SamplerStep)."""
-    return deque(steps, maxlen=1).pop().x_t
-
-
 @torch.no_grad()
 def reconstruct_and_score(
     model, diffusion: GaussianDiffusion, images, labels, t: int, steps: int | None, args, device
@@ -516,7 +510,7 @@ def reconstruct_and_score(
             labels=batch_labels,
             guidance=args.guidance,
         )
-        denoised = deque(steps_iterator, maxlen=1).pop().x_t  # the last SamplerStep holds x_0
+        denoised = final_sample(steps_iterator)
         for name, values in reconstruction_metrics(denoised, x0).items():
             scores[name].append(values)
     return {name: np.concatenate(values) for name, values in scores.items()}

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ from cli import (
     writable_dir,
 )
 from data_sources import DATA_SETS, load_images
-from diffusion import SAMPLERS, GaussianDiffusion, SamplerStep
+from diffusion import SAMPLERS, GaussianDiffusion, SamplerStep, final_sample
 from image_metrics import image_grid, mse, save_image_grid, ssim, to_unit_range
 
 GIF_SCALE = 3  # pixels per MNIST pixel in the GIF
@@ -252,7 +251,7 @@ def final_reconstruction(
     sampler_steps, total = reconstruction_steps(
         model, diffusion, originals, t, sampler, steps, generator, labels, guidance
     )
-    return deque(tqdm(sampler_steps, total=total, desc=f"t={t}", leave=False), maxlen=1).pop().x_t
+    return final_sample(tqdm(sampler_steps, total=total, desc=f"t={t}", leave=False))
 
 
 # ----- checking the user's input ------------------------------------------------------------------

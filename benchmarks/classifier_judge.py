@@ -18,16 +18,16 @@ import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
 from cli import UserError
-from image_metrics import to_unit_range
+from data_sources import to_model_range
+from image_metrics import to_uint8
 from mnist_classifier import NUM_CLASSES, load_classifier
 
-UINT8_LEVELS = 255
 JUDGE_BATCH = 1000
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Round [-1, 1] images to the 256 levels of an 8-bit image, staying in [-1, 1]."""
-    return (to_unit_range(images) * UINT8_LEVELS).round() / (UINT8_LEVELS / 2) - 1
+    """Round [-1, 1] images [N, 1, H, W] to the 256 levels of an 8-bit image, staying in [-1, 1]."""
+    return to_model_range(to_uint8(images)[:, 0])
 
 
 class ClassifierJudge:
