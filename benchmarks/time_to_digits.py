@@ -3,14 +3,15 @@
 This repo's set-up (defaults below): a lean U-Net of 1.09M parameters whose widths grow where the
 feature maps are small (16, 32, 64, 64 channels at 28, 14, 7, 4 pixels; attention only at 4x4),
 v-prediction (Salimans & Ho 2022, arXiv:2202.00512), min-SNR-5 loss weighting (Hang et al. 2023,
-arXiv:2303.09556), AdamW with a linear LR warm-up, an EMA whose decay warms up
-(training_state.warmup_ema) and bf16 autocast (the CPU's AMX units). Sampling: DDIM 50 steps
+arXiv:2303.09556), batches of 128, AdamW with a linear LR warm-up and a cosine decay that reaches 0
+when the time budget does, an EMA whose decay warms up (training_state.warmup_ema) and bf16
+autocast (the CPU's AMX units). Sampling: DDIM 50 steps
 (Song et al. 2021, arXiv:2010.02502) of the EMA weights, through diffusion.sample.
 With --reference the tuned diffusers set-up of issue 7 trains under the same budget and is judged by
 the same classifier: UNet2DModel (32, 64, 64), 1 layer per block, no block attention (1,062,497
 parameters), DDPMScheduler cosine ("squaredcos_cap_v2"), v-prediction, min-SNR-5 via
 diffusers.training_utils.compute_snr, AdamW 2e-3, diffusers EMAModel with warm-up (as in diffusers'
-train_unconditional example), fp32; sampled by DDIMScheduler, 50 steps, "trailing" spacing.
+train_unconditional example), batches of 64, fp32; sampled by DDIMScheduler, 50 steps, "trailing" spacing.
 Scores (benchmarks/classifier_judge.py): mean classifier confidence, predicted-class histogram and
 classifier-FID against the 1,000 held-out digits, next to real training digits (the floor).
 --clock cpu counts this process's CPU seconds instead of wall seconds, for a machine shared with others.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -59,10 +61,12 @@ from training_state import warmup_ema  # noqa: E402
 
 SECONDS_PER_MINUTE = 60
 REFERENCE_LR = 2e-3
+REFERENCE_BATCH_SIZE = 64  # issue 7's set-up
 REFERENCE_MIN_SNR_GAMMA = 5.0
 REFERENCE_EMA = {"decay": 0.9999, "use_ema_warmup": True, "inv_gamma": 1.0, "power": 0.75}
 GRID_IMAGES, GRID_COLUMNS = 100, 10
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+LR_SCHEDULES = ("cosine", "constant")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--data", choices=DATA_SETS, default="mnist-5k", help="training set; its test split is the reference")
     add("--data-dir", default=None, help="folder of MNIST-format IDX files (overrides --data)")
-    add("--batch-size", type=positive_int, default=64, help="images per training step")
+    add("--batch-size", type=positive_int, default=128, help="images per training step of ours")
     add("--model-channels", type=positive_int, default=16, help="width of the first U-Net level")
     add("--channel-mult", type=int_tuple, default="1,2,4,4", help="width of each level / model-channels")
     add("--num-res-blocks", type=positive_int, default=1, help="residual blocks per level")
@@ -84,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--min-snr-gamma", type=positive_float, default=5.0, help="min-SNR loss weight gamma")
     add("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate")
     add("--warmup-steps", type=non_negative_int, default=100, help="linear LR warm-up steps")
+    add("--lr-schedule", choices=LR_SCHEDULES, default="cosine", help="LR after the warm-up, over the budget")
     add("--ema-decay", type=float, default=0.999, help="EMA decay, reached after its warm-up")
     add("--amp", choices=("bf16", "none"), default="bf16", help="autocast dtype of our training steps")
     add("--reference", action=argparse.BooleanOptionalAction, default=False, help="also train diffusers")
@@ -112,7 +117,8 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
 
 
 def train_for(budget_s: float, clock: str, images: torch.Tensor, batch_size: int, seed: int, step_fn) -> dict:
-    """Call step_fn(batch) on shuffled batches until budget_s seconds of the clock have passed."""
+    """Call step_fn(batch, step, budget_fraction) on shuffled batches until budget_s seconds of the
+    clock have passed; step counts from 0, budget_fraction in [0, 1) is the part of the budget spent."""
     generator = torch.Generator().manual_seed(seed)
     now, steps, loss = CLOCKS[clock], 0, float("nan")
     start = now()
@@ -121,19 +127,25 @@ def train_for(budget_s: float, clock: str, images: torch.Tensor, batch_size: int
             for batch in torch.randperm(len(images), generator=generator).split(batch_size):
                 if len(batch) < batch_size or now() - start >= budget_s:
                     break
-                loss = step_fn(images[batch])
+                loss = step_fn(images[batch], steps, (now() - start) / budget_s)
                 steps += 1
-                progress.n = min(round(now() - start), progress.total)
-                progress.set_postfix(steps=steps, loss=f"{loss:.4f}")
-    return {"steps": steps, "images_seen": steps * batch_size, "train_seconds": now() - start}
+                progress.set_postfix(steps=steps, loss=f"{loss:.4f}", refresh=False)
+                progress.update(min(round(now() - start), progress.total) - progress.n)  # redraws <= 10/s
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "images_seen": steps * batch_size,
+        "train_seconds": now() - start,
+    }
 
 
-def adamw_with_warmup(model: torch.nn.Module, lr: float, warmup_steps: int):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    warmup = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
-    )
-    return optimizer, warmup
+def lr_factor(step: int, warmup_steps: int, budget_fraction: float, schedule: str) -> float:
+    """LR multiplier: linear warm-up over steps, then 1 (constant) or a cosine that reaches 0 when the
+    time budget does (train_MNIST.lr_factor's decay, over time instead of steps)."""
+    warmup = min(1.0, (step + 1) / max(1, warmup_steps))
+    if schedule == "constant":
+        return warmup
+    return warmup * 0.5 * (1 + math.cos(math.pi * budget_fraction))
 
 
 def train_ours(args: argparse.Namespace, images: torch.Tensor, device: torch.device):
@@ -149,17 +161,19 @@ def train_ours(args: argparse.Namespace, images: torch.Tensor, device: torch.dev
     }
     model = build_model({"model": model_config}).to(device)
     diffusion = GaussianDiffusion(prediction=args.prediction).to(device)
-    optimizer, scheduler = adamw_with_warmup(model, args.lr, args.warmup_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ema = warmup_ema(model, args.ema_decay)
     autocast = torch.autocast(device.type, torch.bfloat16) if args.amp == "bf16" else nullcontext()
 
-    def step(x0: torch.Tensor) -> float:
+    def step(x0: torch.Tensor, step: int, budget_fraction: float) -> float:
+        factor = lr_factor(step, args.warmup_steps, budget_fraction, args.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * factor
         with autocast:
             loss = diffusion.training_loss(model, x0, min_snr_gamma=args.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
         ema.update_parameters(model)
         return loss.item()
 
@@ -189,7 +203,7 @@ def train_reference(args: argparse.Namespace, images: torch.Tensor, device: torc
     ema = EMAModel(denoiser.parameters(), **REFERENCE_EMA)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    def step(x0: torch.Tensor) -> float:
+    def step(x0: torch.Tensor, step: int, budget_fraction: float) -> float:  # constant LR (issue 7)
         noise = torch.randn(x0.shape, generator=generator, device=device)
         t = torch.randint(
             0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device=device
@@ -208,7 +222,8 @@ def train_reference(args: argparse.Namespace, images: torch.Tensor, device: torc
         ema.step(denoiser.parameters())
         return loss.item()
 
-    stats = train_for(args.minutes * SECONDS_PER_MINUTE, args.clock, images, args.batch_size, args.seed, step)
+    budget_s = args.minutes * SECONDS_PER_MINUTE
+    stats = train_for(budget_s, args.clock, images, REFERENCE_BATCH_SIZE, args.seed, step)
     ema.copy_to(denoiser.parameters())
     return denoiser.eval(), scheduler, {**stats, "parameters": count_parameters(denoiser)}
 
@@ -252,15 +267,15 @@ def print_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
         f" {args.num_samples} samples, {args.steps} steps"
     )
     print(
-        f"{'set-up':<20}{'params':>11}{'steps':>7}{'sample s':>10}"
+        f"{'set-up':<20}{'params':>11}{'batch':>6}{'steps':>7}{'sample s':>10}"
         f"{'mean conf':>11}{'min class':>11}{'cFID':>8}"
     )
     for name, row in rows.items():
         params = f"{row['parameters']:,}" if "parameters" in row else "-"
-        steps = str(row.get("steps", "-"))
+        steps, batch = str(row.get("steps", "-")), str(row.get("batch_size", "-"))
         sample_s = f"{row['sample_seconds']:.0f}" if "sample_seconds" in row else "-"
         print(
-            f"{name:<20}{params:>11}{steps:>7}{sample_s:>10}{row['mean_confidence']:>11.3f}"
+            f"{name:<20}{params:>11}{batch:>6}{steps:>7}{sample_s:>10}{row['mean_confidence']:>11.3f}"
             f"{min(row['class_fractions']):>11.1%}{row['classifier_fid']:>8.2f}"
         )
     print("\npredicted-class histogram (% of samples, digits 0-9)")
