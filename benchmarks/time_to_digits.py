@@ -165,8 +165,8 @@ def train_ours(args: argparse.Namespace, images: torch.Tensor, device: torch.dev
     ema = warmup_ema(model, args.ema_decay)
     autocast = torch.autocast(device.type, torch.bfloat16) if args.amp == "bf16" else nullcontext()
 
-    def step(x0: torch.Tensor, step: int, budget_fraction: float) -> float:
-        factor = lr_factor(step, args.warmup_steps, budget_fraction, args.lr_schedule)
+    def step(x0: torch.Tensor, step_index: int, budget_fraction: float) -> float:
+        factor = lr_factor(step_index, args.warmup_steps, budget_fraction, args.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * factor
         with autocast:
@@ -203,7 +203,7 @@ def train_reference(args: argparse.Namespace, images: torch.Tensor, device: torc
     ema = EMAModel(denoiser.parameters(), **REFERENCE_EMA)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    def step(x0: torch.Tensor, step: int, budget_fraction: float) -> float:  # constant LR (issue 7)
+    def step(x0: torch.Tensor, step_index: int, budget_fraction: float) -> float:  # constant LR (issue 7)
         noise = torch.randn(x0.shape, generator=generator, device=device)
         t = torch.randint(
             0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device=device
