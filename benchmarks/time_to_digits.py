@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = writable_dir(args.out_dir)
     train_images, _ = load_images(args.data, "train", args.data_dir)
     test_images, _ = load_images(args.data, "test", args.data_dir)
-    if args.batch_size > len(train_images):
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {len(train_images)} training images")
+    needed = max(args.batch_size, REFERENCE_BATCH_SIZE) if args.reference else args.batch_size
+    if needed > len(train_images):  # a smaller set would never fill a batch: no step in the budget
+        raise UserError(f"a batch of {needed} exceeds the {len(train_images)} training images")
     judge = ClassifierJudge.load(
         args.classifier or default_classifier_path(args.data, args.data_dir), test_images
     )
