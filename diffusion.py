@@ -35,6 +35,7 @@ DEFAULT_FAST_STEPS = 50  # model evaluations of DDIM and DPM-Solver++ when steps
 COSINE_OFFSET = 0.008  # s in Nichol & Dhariwal eq. 17
 MAX_BETA = 0.999  # clip of the cosine betas (Nichol & Dhariwal, section 3.2)
 LINEAR_BETA_START, LINEAR_BETA_END = 1e-4, 0.02  # Ho et al. section 4, scaled for T = 1000
+COSINE_SOLVER_END = 0.9946  # DPM-Solver's end time for the cosine schedule, as a fraction of T
 
 
 def cosine_alphas_cumprod(T: int) -> np.ndarray:
@@ -258,8 +259,7 @@ class GaussianDiffusion(nn.Module):
 
         DDPM visits every step. DDIM visits `steps` evenly spaced ones that start at start_t and end
         at 0 (start_t = 999, 10 steps: 999, 888, ..., 111, 0). DPM-Solver++ spaces them evenly in
-        sqrt(t) (DDIM's "quadratic" spacing, section D.2), which puts more steps near the data, where
-        its second-order extrapolation needs them.
+        lambda = log(alpha / sigma) (see _log_snr_uniform_timesteps).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {SAMPLERS}")
@@ -276,8 +276,28 @@ class GaussianDiffusion(nn.Module):
             return [start_t]
         if sampler == "ddim":
             return [int(round(s)) for s in np.linspace(start_t, 0, steps)]
-        timesteps = [int(round(s**2)) for s in np.linspace(math.sqrt(start_t), 0, steps)]
-        for i in range(steps - 2, -1, -1):  # keep them distinct where the squares round together
+        return self._log_snr_uniform_timesteps(steps, start_t)
+
+    def _log_snr_uniform_timesteps(self, steps: int, start_t: int) -> list[int]:
+        """`steps` timesteps from start_t to 0, evenly spaced in lambda: DPM-Solver's spacing (Lu et al.
+        2022, arXiv:2206.00927, section 3.3), each rounded to the index of the nearest lambda.
+
+        The cosine schedule's lambda falls to -inf at its end (the last betas are clipped at 0.999),
+        so, as in DPM-Solver's code, its lambda range starts at time 0.9946 T (index 993 of 1000),
+        and the first step stays at start_t. Indices that round together are moved apart, so the
+        list is strictly decreasing; 2 <= steps <= start_t + 1.
+        """
+        lambdas = 0.5 * np.log(self.alphas_cumprod_float64 / (1 - self.alphas_cumprod_float64))
+        top = start_t
+        if self.schedule == "cosine":
+            top = min(start_t, math.floor(COSINE_SOLVER_END * self.T) - 1)
+        targets = np.linspace(lambdas[top], lambdas[0], steps)
+        timesteps = [int(np.argmin(np.abs(lambdas[: top + 1] - target))) for target in targets]
+        timesteps[0], timesteps[-1] = start_t, 0
+        for i in range(1, steps):  # strictly below the step before
+            timesteps[i] = min(timesteps[i], timesteps[i - 1] - 1)
+        timesteps[-1] = 0
+        for i in range(steps - 2, -1, -1):  # and room for the ones after, down to 0
             timesteps[i] = max(timesteps[i], timesteps[i + 1] + 1)
         return timesteps
 
