@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the scripts: one-line errors, argparse types, device and seed.
+"""Command-line plumbing shared by the scripts: one-line errors, argparse types, device, precision, seed.
 
 Every script wraps its `main` in `run_cli`, so a `UserError` (bad flag, missing data, corrupt
 checkpoint, unwritable folder) prints one line to stderr and exits with status 2, never a traceback.
@@ -15,6 +15,7 @@ import os
 import random
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,6 +23,9 @@ import numpy as np
 import torch
 
 USER_ERROR_EXIT_CODE = 2
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
 
 
 class UserError(Exception):
@@ -97,6 +101,61 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
     return torch.device(name)
+
+
+def configure_fast_path(device: torch.device) -> None:
+    """TF32 matmuls and convolutions, and cuDNN autotuning, on a GPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.benchmark = True
+
+
+def resolve_amp(mode: str, device: torch.device) -> str:
+    """auto -> bf16 on a GPU that supports it, else none."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if mode == "auto":
+        return "bf16" if bf16_ok else "none"
+    if mode == "bf16" and device.type == "cuda" and not bf16_ok:
+        raise UserError("--amp bf16: this GPU has no bfloat16 support (use --amp fp16)")
+    return mode
+
+
+def autocast_context(mode: str, device: torch.device) -> AbstractContextManager:
+    """The autocast of an --amp mode (auto resolved as resolve_amp does); a no-op for none."""
+    amp = resolve_amp(mode, device)
+    return nullcontext() if amp == "none" else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def add_unet_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """--amp, --compile, --compile-mode and --channels-last: how the U-Net runs (not what it computes)."""
+    add = parser.add_argument
+    add(
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
+        help="U-Net autocast dtype; auto: bf16 on a GPU that has it",
+    )
+    add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the U-Net")
+    add(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode (reduce-overhead: CUDA graphs)",
+    )
+    add(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="NHWC U-Net weights (faster GPU convs)",
+    )
+
+
+def inference_unet(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """The U-Net as add_unet_speed_flags asks: NHWC weights and/or torch.compile (same parameters)."""
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model, mode=args.compile_mode) if args.compile else model
 
 
 def seed_everything(seed: int) -> None:

@@ -21,7 +21,9 @@ values below T-1 and ends at T-1 (the pure-noise end). Explicit values outside [
 MSE and PSNR on the [0, 1] pixel scale (PSNR peak 1), SSIM of skimage with data_range=1.
 
 Sampling always goes through `diffusion.sample` with a seeded generator (fixed noise per --seed);
-the default sampler is DDIM with 50 steps (--sampler ddpm runs all T). --metrics picks a subset.
+the default sampler is DDIM with 50 steps (--sampler ddpm runs all T). On a GPU the U-Net runs
+under bf16 autocast (--amp); --compile and --channels-last make it faster still (10,000 DDIM-50
+samples in 7.4 s on an H200, see README). --metrics picks a subset.
 Output: a table on the terminal, a JSON file with every metric and its provenance, and a PNG grid
 of samples beside it (one row per class for class-conditional models).
 
@@ -58,8 +60,13 @@ from checkpointing import DEFAULT_CHECKPOINT_DIR, latest_checkpoint, load_for_in
 from cli import (
     OneLineErrorParser,
     UserError,
+    add_unet_speed_flags,
+    autocast_context,
+    configure_fast_path,
+    inference_unet,
     int_tuple,
     positive_int,
+    resolve_amp,
     resolve_device,
     run_cli,
     seed_everything,
@@ -176,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--out-dir", default="eval_outputs", help="folder of the default JSON and sample grid")
     add("--json", default=None, help="JSON report path (default <out-dir>/eval_<checkpoint>.json)")
     add("--cache-dir", default=None, help="torch-fidelity cache (default $TORCH_HOME/fidelity_cache)")
+    add_unet_speed_flags(parser)
     add("--device", default="auto", help="auto, cpu or cuda")
     return parser.parse_args(argv)
 
@@ -372,8 +380,8 @@ def generate_samples(
     for start in range(0, args.num_samples, args.batch_size):
         count = min(args.batch_size, args.num_samples - start)
         batch_labels = None if labels is None else labels[start : start + count]
-        batches.append(
-            diffusion.sample(
+        with autocast_context(args.amp, device):
+            images = diffusion.sample(
                 model,
                 count,
                 sampler=args.sampler,
@@ -382,8 +390,8 @@ def generate_samples(
                 generator=generator,
                 labels=batch_labels,
                 guidance=args.guidance,
-            ).cpu()
-        )
+            )
+        batches.append(images.cpu())
         print(f"\rsampled {start + count}/{args.num_samples}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return torch.cat(batches), None if labels is None else labels.cpu()
@@ -510,7 +518,8 @@ def reconstruct_and_score(
             labels=batch_labels,
             guidance=args.guidance,
         )
-        denoised = final_sample(steps_iterator)
+        with autocast_context(args.amp, device):
+            denoised = final_sample(steps_iterator)
         for name, values in reconstruction_metrics(denoised, x0).items():
             scores[name].append(values)
     return {name: np.concatenate(values) for name, values in scores.items()}
@@ -583,6 +592,9 @@ def sampling_provenance(diffusion: GaussianDiffusion | None, args: argparse.Name
         "guidance": args.guidance,
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
+        "amp": args.amp,
+        "compiled": args.compile_mode if args.compile else None,
+        "channels_last": args.channels_last,
     }
 
 
@@ -685,7 +697,8 @@ def load_model(
     if args.ema and "ema" not in checkpoint:
         note(f"{path} has no EMA weights; evaluating the raw model weights")
     check_sampling_flags(args, diffusion, model.num_classes)
-    return model, diffusion, checkpoint_provenance(path, checkpoint, args.ema)
+    configure_fast_path(device)
+    return inference_unet(model, args), diffusion, checkpoint_provenance(path, checkpoint, args.ema)
 
 
 def evaluate_model(
@@ -723,6 +736,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     chosen = parse_metrics(args.metrics)
     device = resolve_device(args.device)
+    args.amp = resolve_amp(args.amp, device)  # the dtype actually used, as the report records it
     seed_everything(args.seed)
     model, diffusion, checkpoint_info = load_model(args, device)
     if model is not None and "recon" in chosen:

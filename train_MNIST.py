@@ -27,7 +27,7 @@ import math
 import os
 import signal
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -49,10 +49,14 @@ from checkpointing import (
 from cli import (
     OneLineErrorParser,
     UserError,
+    add_unet_speed_flags,
+    autocast_context,
+    configure_fast_path,
     int_tuple,
     non_negative_int,
     positive_float,
     positive_int,
+    resolve_amp,
     resolve_device,
     run_cli,
     seed_everything,
@@ -66,8 +70,6 @@ from training_state import TrainingState, capture_rng_states, restore_rng_states
 
 NUM_CLASSES = 10
 LR_SCHEDULES = ("cosine", "constant")
-AMP_MODES = ("auto", "bf16", "fp16", "none")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_COUNT, SAMPLE_COLUMNS, SAMPLE_STEPS = 64, 8, 50  # the grid: 8 x 8 images, DDIM 50 steps
 LAST_NAME, LOG_NAME, PLOT_NAME = "last.pt", "train_log.csv", "loss.png"
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "grad_norm", "img_per_s")
@@ -108,14 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--grad-clip", type=positive_float, default=1.0, help="clip the gradient norm to this")
     add("--ema-decay", type=float, default=0.9999, help="EMA decay, reached after a warm-up")
     add("--max-steps", type=positive_int, default=None, help="stop after this many steps (smoke runs)")
-    add("--amp", choices=AMP_MODES, default="auto", help="autocast dtype; auto: bf16 on a GPU that has it")
-    add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the U-Net")
-    add(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="channels-last weights (faster convs on recent GPUs)",
-    )
+    add_unet_speed_flags(parser)
     add("--seed", type=int, default=0, help="seed for weights, data order, noise and sample grids")
     add("--device", default="auto", help="auto | cpu | cuda")
     add("--out-dir", default="checkpoints", help="checkpoints, log, loss plot and sample grids")
@@ -186,28 +181,6 @@ def setup_processes(device_name: str) -> Processes:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Processes(dist.get_rank(), dist.get_world_size(), device)
-
-
-def configure_fast_path(device: torch.device) -> None:
-    """TF32 matmuls and convolutions, and cuDNN autotuning, on a GPU."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-        torch.backends.cudnn.benchmark = True
-
-
-def resolve_amp(mode: str, device: torch.device) -> str:
-    """auto -> bf16 on a GPU that supports it, else none."""
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if mode == "auto":
-        return "bf16" if bf16_ok else "none"
-    if mode == "bf16" and device.type == "cuda" and not bf16_ok:
-        raise UserError("--amp bf16: this GPU has no bfloat16 support (use --amp fp16)")
-    return mode
-
-
-def autocast_context(amp: str, device: torch.device) -> AbstractContextManager:
-    return nullcontext() if amp == "none" else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 # ----- configuration and resuming -----------------------------------------------------------------
@@ -355,12 +328,14 @@ def start_random_streams(
     seed_everything(seed + 1 + processes.rank + state.step)  # + step: a reseeded resume draws anew
 
 
-def network_for_training(state: TrainingState, compile_model: bool, processes: Processes) -> torch.nn.Module:
+def network_for_training(
+    state: TrainingState, args: argparse.Namespace, processes: Processes
+) -> torch.nn.Module:
     """The module the forward pass runs: compiled and/or DDP-wrapped around the same parameters.
 
     Checkpoints always save state.model, the plain U-Net (no `_orig_mod.` or `module.` prefixes).
     """
-    network = torch.compile(state.model) if compile_model else state.model
+    network = torch.compile(state.model, mode=args.compile_mode) if args.compile else state.model
     if processes.world_size > 1:
         device_ids = [processes.device.index] if processes.device.type == "cuda" else None
         network = DistributedDataParallel(network, device_ids=device_ids)
@@ -614,7 +589,7 @@ def prepare_run(args: argparse.Namespace, processes: Processes) -> Run:
     seed_everything(args.seed)  # the same initial weights on every rank
     state = build_training_state(config, args, amp, args.epochs * steps_per_epoch, processes.device)
     start_random_streams(state, resumed, args.seed, processes)
-    network = network_for_training(state, args.compile, processes)
+    network = network_for_training(state, args, processes)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     bar = tqdm(total=total_steps, initial=state.step, unit="step", disable=not processes.is_main)
     resume_step = resumed[0]["step"] if resumed is not None else None
@@ -629,10 +604,11 @@ def describe(run: Run, amp: str, resumed: tuple[dict[str, Any], Path] | None) ->
     """One line on what is trained where; one on where it resumes."""
     args, state = run.args, run.state
     data = args.data_dir or args.data
+    compiled = f", compiled ({args.compile_mode})" if args.compile else ""
     run.processes.announce(
         f"U-Net {count_parameters(state.model):,} parameters | {data}: {len(run.images):,} images | "
         f"{run.processes.world_size} x {run.processes.device}, amp {amp}"
-        f"{', compiled' if args.compile else ''} | {run.steps_per_epoch} steps/epoch x {args.epochs} "
+        f"{compiled} | {run.steps_per_epoch} steps/epoch x {args.epochs} "
         f"epochs | writing to {run.out_dir}/"
     )
     if resumed is not None:

@@ -1,14 +1,17 @@
 """Everything a training run needs to resume bit-exactly: weights, EMA, optimizer, RNG, data position.
 
-`TrainingState` holds the U-Net, its EMA (`torch.optim.swa_utils.AveragedModel`), the AdamW
-optimizer, the LR scheduler, the grad scaler and the position in the run (step, epoch, batch), and
-turns them into the checkpoint dict of `checkpointing.py` and back. RNG states (torch CPU/CUDA,
+`TrainingState` holds the U-Net, its EMA (`WarmupEMA`), the AdamW optimizer, the LR scheduler,
+the grad scaler and the position in the run (step, epoch, batch), and turns them into the
+checkpoint dict of `checkpointing.py` and back. RNG states (torch CPU/CUDA,
 NumPy, Python) are stored as tensors and plain values so the checkpoint loads with
 `torch.load(weights_only=True)`. The data order needs no state of its own: epoch e is shuffled by a
 generator seeded with data_seed + e, as DistributedSampler does.
 
 The EMA decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (the schedule of
-TensorFlow's ExponentialMovingAverage with num_updates), so early weights do not dominate.
+TensorFlow's ExponentialMovingAverage with num_updates), so early weights do not dominate. The count
+n lives on the host: an update is one fused lerp over all weights and never waits for the GPU
+(`torch.optim.swa_utils.AveragedModel` keeps it in a device tensor, and reading it back each step
+stalled the CUDA queue).
 
 Example:
     state = TrainingState.create(model, optimizer, scheduler, scaler, ema_decay=0.9999, data_seed=0)
@@ -18,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch import nn
 
 from checkpointing import CHECKPOINT_VERSION, CheckpointError
 from model import UNet
@@ -50,17 +54,33 @@ def ema_decay_after(n_averaged: int, max_decay: float) -> float:
     return min(max_decay, (1 + n_averaged) / (EMA_WARMUP_OFFSET + n_averaged))
 
 
-def warmup_ema(model: UNet, max_decay: float) -> AveragedModel:
-    """An AveragedModel over model's parameters and buffers with the warm-up decay above.
+class WarmupEMA:
+    """An exponential moving average of a model's floating-point weights with the warm-up decay above.
 
-    Its first update copies the weights; update k + 1 blends in the model with weight 1 - decay(k).
+    `module` is a frozen copy of the model. The first update copies the weights; update k + 1
+    blends in the model with weight 1 - decay(k): ema <- ema + (1 - decay) (model - ema).
     """
 
-    def update(ema_parameters, model_parameters, n_averaged: torch.Tensor) -> None:
-        decay = ema_decay_after(int(n_averaged), max_decay)
-        get_ema_multi_avg_fn(decay)(ema_parameters, model_parameters, n_averaged)
+    def __init__(self, model: nn.Module, max_decay: float):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.max_decay = max_decay
+        self.n_averaged = 0
+        self.averaged = floating_tensors(self.module)
 
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        current = floating_tensors(model)
+        if self.n_averaged == 0:
+            torch._foreach_copy_(self.averaged, current)
+        else:
+            decay = ema_decay_after(self.n_averaged, self.max_decay)
+            torch._foreach_lerp_(self.averaged, current, 1 - decay)
+        self.n_averaged += 1
+
+
+def floating_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The module's floating-point parameters and buffers, detached, in state_dict order."""
+    return [tensor for tensor in module.state_dict().values() if tensor.is_floating_point()]
 
 
 def capture_rng_states(device: torch.device) -> dict[str, Any]:
@@ -111,7 +131,7 @@ class TrainingState:
     the current one already trained on."""
 
     model: UNet
-    ema: AveragedModel
+    ema: WarmupEMA
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -122,7 +142,7 @@ class TrainingState:
 
     @classmethod
     def create(cls, model, optimizer, scheduler, scaler, ema_decay: float, data_seed: int) -> TrainingState:
-        return cls(model, warmup_ema(model, ema_decay), optimizer, scheduler, scaler, data_seed)
+        return cls(model, WarmupEMA(model, ema_decay), optimizer, scheduler, scaler, data_seed)
 
     def to_checkpoint(self, config: dict[str, Any], rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint dict; rng_states holds one entry per DDP rank (one without DDP)."""
@@ -131,7 +151,7 @@ class TrainingState:
             "config": config,
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict(),
-            "ema_n_averaged": int(self.ema.n_averaged),
+            "ema_n_averaged": self.ema.n_averaged,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -156,7 +176,7 @@ class TrainingState:
         except (RuntimeError, ValueError, KeyError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise CheckpointError(f"{path} does not fit this model: {first_line}") from None
-        self.ema.n_averaged.fill_(checkpoint["ema_n_averaged"])
+        self.ema.n_averaged = checkpoint["ema_n_averaged"]
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint["scaler"]:  # empty when saved without fp16
             self.scaler.load_state_dict(checkpoint["scaler"])

@@ -10,10 +10,14 @@ Training images/s time forward + backward + AdamW step of a batch; sampling imag
 passes under inference_mode and divide by --sample-steps (a 50-step DDIM or DPM-Solver++ run,
 arXiv:2010.02502 / arXiv:2211.01095, costs 50 network evaluations; the sampler's own arithmetic is
 negligible). FLOPs per image come from torch.utils.flop_counter (convolutions and matmuls); MFU is
-reported on a GPU whose peak is known. All networks run in the same dtype (fp32, or bf16 autocast).
+reported on a GPU whose peak is known. All networks run in the same dtype (fp32, or bf16 autocast),
+and with --compile all go through torch.compile. --networks picks a subset (ours always runs): on a
+GPU machine without the two competitor packages, `--networks ours` times this repo's U-Net alone.
 
 Example:
     python benchmarks/throughput.py --dtype bfloat16 --repeats 5 --json runs/throughput.json
+    python benchmarks/throughput.py --networks ours --model-channels 64 --channel-mult 1,2,2 \
+        --num-res-blocks 2 --attn-resolutions 14 --batch-size 128 --dtype bfloat16 --compile  # on a GPU
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reference_models import diffusers_unet, lucidrains_unet_matching  # noqa: E402
 from cli import (  # noqa: E402
+    COMPILE_MODES,
     OneLineErrorParser,
     UserError,
     int_tuple,
@@ -45,6 +50,7 @@ from cli import (  # noqa: E402
 )
 from model import UNet, count_parameters  # noqa: E402
 
+NETWORKS = ("ours", "ours-as-diffusers", "diffusers", "lucidrains")
 MAX_PARAMETER_MISMATCH = 0.10
 T_RANGE = 1000  # timesteps are drawn from 0..999 (the networks only embed them)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -70,6 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--reference-layers", type=positive_int, default=1, help="diffusers: layers per block")
     add("--dtype", choices=tuple(DTYPES), default="float32", help="fp32, or bf16 autocast, for every network")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="NHWC for all")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile every network")
+    add(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode (reduce-overhead: CUDA graphs)",
+    )
+    add("--networks", type=network_names, default=",".join(NETWORKS), help="which networks to time")
     add("--repeats", type=positive_int, default=5, help="interleaved timing rounds")
     add("--iters", type=positive_int, default=3, help="training steps / forward passes per timing")
     add("--warmup", type=positive_int, default=2, help="untimed steps per network before timing")
@@ -81,11 +95,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def network_names(text: str) -> tuple[str, ...]:
+    """Comma-separated names from NETWORKS, in NETWORKS order, "ours" always among them."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = names - set(NETWORKS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown network(s) {sorted(unknown)}: choose from {NETWORKS}")
+    return tuple(name for name in NETWORKS if name in names | {"ours"})
+
+
 # ----- the contestants ----------------------------------------------------------------------------
 
 
 def build_networks(args: argparse.Namespace) -> dict[str, nn.Module]:
-    """The four networks, checked to lie within 10% of ours in parameter count."""
+    """The chosen networks, checked to lie within 10% of ours in parameter count."""
     ours = UNet(
         model_channels=args.model_channels,
         channel_mult=args.channel_mult,
@@ -99,14 +122,15 @@ def build_networks(args: argparse.Namespace) -> dict[str, nn.Module]:
         "layers_per_block": args.reference_layers,
         "attention": (False, False, False),
     }
-    networks = {
-        "ours": ours,
-        "ours-as-diffusers": UNet(
+    builders = {
+        "ours": lambda: ours,
+        "ours-as-diffusers": lambda: UNet(
             model_channels=c, num_res_blocks=args.reference_layers, attention_resolutions=(), dropout=0.0
         ),
-        "diffusers": diffusers_unet(reference_setup),
-        "lucidrains": lucidrains_unet_matching(count_parameters(ours)),
+        "diffusers": lambda: diffusers_unet(reference_setup),
+        "lucidrains": lambda: lucidrains_unet_matching(count_parameters(ours)),
     }
+    networks = {name: builders[name]() for name in args.networks}
     check_sizes(networks)
     return networks
 
@@ -142,6 +166,7 @@ class Contestant:
     def __init__(self, network: nn.Module, args: argparse.Namespace, device: torch.device):
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.network = network.to(device, memory_format=memory_format)
+        self.forward = torch.compile(self.network, mode=args.compile_mode) if args.compile else self.network
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=1e-4)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         shape = (args.batch_size, 1, 28, 28)
@@ -157,7 +182,7 @@ class Contestant:
 
     def train_step(self) -> None:
         with self.autocast():
-            loss = F.mse_loss(self.network(self.x, self.t).float(), self.target)
+            loss = F.mse_loss(self.forward(self.x, self.t).float(), self.target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -165,7 +190,7 @@ class Contestant:
     @torch.inference_mode()
     def forward_pass(self) -> None:
         with self.autocast():
-            self.network(self.x, self.t)
+            self.forward(self.x, self.t)
 
     def images_per_second(self, step) -> float:
         synchronize(self.device)
@@ -234,36 +259,47 @@ def summarize(networks, rates, flops, args, device) -> dict:
 # ----- report -------------------------------------------------------------------------------------
 
 
-def environment(device: torch.device, args: argparse.Namespace) -> dict:
-    import diffusers
-    from denoising_diffusion_pytorch.version import __version__ as lucidrains_version
+def versions(networks: tuple[str, ...]) -> dict[str, str]:
+    """torch's version, and the competitor packages' of the networks that ran."""
+    found = {"torch": torch.__version__}
+    if "diffusers" in networks:
+        import diffusers
 
+        found["diffusers"] = diffusers.__version__
+    if "lucidrains" in networks:
+        from denoising_diffusion_pytorch.version import __version__ as lucidrains_version
+
+        found["lucidrains"] = lucidrains_version
+    return found
+
+
+def environment(device: torch.device, args: argparse.Namespace) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {
         "device": f"{name} ({torch.get_num_threads()} torch threads)",
         "dtype": args.dtype,
         "channels_last": args.channels_last,
+        "compiled": args.compile_mode if args.compile else False,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "iters": args.iters,
         "sample_steps": args.sample_steps,
-        "versions": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "lucidrains": lucidrains_version,
-        },
+        "versions": versions(args.networks),
     }
 
 
 def print_table(results: dict, env: dict) -> None:
-    print(f"\n{env['device']}, {env['dtype']}, batch {env['batch_size']}, versions {env['versions']}")
+    print(
+        f"\n{env['device']}, {env['dtype']}, batch {env['batch_size']}, channels_last {env['channels_last']},"
+        f" compiled {env['compiled']}, versions {env['versions']}"
+    )
     print(
         f"median (min-max) of {env['repeats']} interleaved rounds;"
         f" sampling = {env['sample_steps']}-step sampler"
     )
     header = (
-        f"{'network':<18}{'params':>10}{'GFLOP/img':>11}{'train img/s':>22}{'ours x':>8}"
-        f"{'sample img/s':>22}{'ours x':>8}{'MFU':>7}"
+        f"{'network':<18}{'params':>10}{'GFLOP/img':>11}{'train img/s':>26}{'ours x':>8}"
+        f"{'sample img/s':>26}{'ours x':>8}{'MFU':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -272,8 +308,8 @@ def print_table(results: dict, env: dict) -> None:
         sample = f"{r['sample_img_per_s']:.2f} ({r['sample_min_max'][0]:.2f}-{r['sample_min_max'][1]:.2f})"
         mfu = "n/a" if r["train_mfu"] is None else f"{100 * r['train_mfu']:.1f}%"
         print(
-            f"{name:<18}{r['parameters']:>10,}{r['training_flops_per_image'] / 1e9:>11.3f}{train:>22}"
-            f"{r['ours_train_speedup']:>8.2f}{sample:>22}{r['ours_sample_speedup']:>8.2f}{mfu:>7}"
+            f"{name:<18}{r['parameters']:>10,}{r['training_flops_per_image'] / 1e9:>11.3f}{train:>26}"
+            f"{r['ours_train_speedup']:>8.2f}{sample:>26}{r['ours_sample_speedup']:>8.2f}{mfu:>7}"
         )
     print("GFLOP/img: forward + backward of one image; 'ours x': ours / this network, median over rounds")
 

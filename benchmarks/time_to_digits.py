@@ -4,7 +4,7 @@ This repo's set-up (defaults below): a lean U-Net of 1.09M parameters whose widt
 feature maps are small (16, 32, 64, 64 channels at 28, 14, 7, 4 pixels; attention only at 4x4),
 v-prediction (Salimans & Ho 2022, arXiv:2202.00512), min-SNR-5 loss weighting (Hang et al. 2023,
 arXiv:2303.09556), batches of 128, AdamW with a linear LR warm-up and a cosine decay that reaches 0
-when the time budget does, an EMA whose decay warms up (training_state.warmup_ema) and bf16
+when the time budget does, an EMA whose decay warms up (training_state.WarmupEMA) and bf16
 autocast (the CPU's AMX units). Sampling: DDIM 50 steps
 (Song et al. 2021, arXiv:2010.02502) of the EMA weights, through diffusion.sample.
 With --reference the tuned diffusers set-up of issue 7 trains under the same budget and is judged by
@@ -57,7 +57,7 @@ from diffusion import PREDICTIONS, SAMPLERS, GaussianDiffusion  # noqa: E402
 from image_metrics import save_image_grid  # noqa: E402
 from mnist_classifier import default_classifier_path  # noqa: E402
 from model import count_parameters  # noqa: E402
-from training_state import warmup_ema  # noqa: E402
+from training_state import WarmupEMA  # noqa: E402
 
 SECONDS_PER_MINUTE = 60
 REFERENCE_LR = 2e-3
@@ -162,7 +162,7 @@ def train_ours(args: argparse.Namespace, images: torch.Tensor, device: torch.dev
     model = build_model({"model": model_config}).to(device)
     diffusion = GaussianDiffusion(prediction=args.prediction).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    ema = warmup_ema(model, args.ema_decay)
+    ema = WarmupEMA(model, args.ema_decay)
     autocast = torch.autocast(device.type, torch.bfloat16) if args.amp == "bf16" else nullcontext()
 
     def step(x0: torch.Tensor, step_index: int, budget_fraction: float) -> float:

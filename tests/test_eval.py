@@ -182,6 +182,9 @@ def test_report_has_every_key(evaluation):
         "guidance": 1.0,
         "num_samples": NUM_SAMPLES,
         "batch_size": 250,
+        "amp": "none",  # --amp auto on a CPU
+        "compiled": None,
+        "channels_last": False,
     }
     assert provenance["seed"] == 0
     assert set(provenance["data"]) == {"name", "split", "num_reference", "reference_sha256"}
@@ -267,6 +270,20 @@ def test_sampling_is_reproducible_with_the_seed(tiny_checkpoint):
     second, _ = eval_MNIST.generate_samples(model, diffusion, args, torch.device("cpu"))
     assert first.shape == (3, 1, 28, 28) and labels is None
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(("amp", "network_dtype"), [("none", torch.float32), ("bf16", torch.bfloat16)])
+def test_amp_flag_sets_the_unet_dtype_and_the_chain_stays_float32(tiny_checkpoint, amp, network_dtype):
+    """--amp reaches the U-Net (its outputs are bfloat16 under bf16); the sampler's own arithmetic
+    stays float32 and the samples stay finite and in [-1, 1]."""
+    model, diffusion, _ = load_for_inference(tiny_checkpoint, torch.device("cpu"))
+    output_dtypes = set()
+    model.register_forward_hook(lambda module, inputs, output: output_dtypes.add(output.dtype))
+    args = eval_MNIST.parse_args(["--num-samples", "4", "--steps", "3", "--batch-size", "4", "--amp", amp])
+    samples, _ = eval_MNIST.generate_samples(model, diffusion, args, torch.device("cpu"))
+    assert output_dtypes == {network_dtype}
+    assert samples.dtype == torch.float32 and torch.isfinite(samples).all()
+    assert samples.abs().max() <= 1
 
 
 def test_conditional_model_gets_cas_and_a_grid_row_per_class(tmp_path, tiny_checkpoint):
