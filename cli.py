@@ -151,6 +151,16 @@ def add_unet_speed_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_with_unet_speed_flags(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """parser.parse_args, refusing a --compile-mode that would be ignored for want of --compile."""
+    args = parser.parse_args(argv)
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} needs --compile")
+    return args
+
+
 def inference_unet(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
     """The U-Net as add_unet_speed_flags asks: NHWC weights and/or torch.compile (same parameters)."""
     if args.channels_last:

@@ -65,6 +65,7 @@ from cli import (
     configure_fast_path,
     inference_unet,
     int_tuple,
+    parse_with_unet_speed_flags,
     positive_int,
     resolve_amp,
     resolve_device,
@@ -185,7 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--cache-dir", default=None, help="torch-fidelity cache (default $TORCH_HOME/fidelity_cache)")
     add_unet_speed_flags(parser)
     add("--device", default="auto", help="auto, cpu or cuda")
-    return parser.parse_args(argv)
+    return parse_with_unet_speed_flags(parser, argv)
 
 
 def note(message: str) -> None:

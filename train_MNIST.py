@@ -54,6 +54,7 @@ from cli import (
     configure_fast_path,
     int_tuple,
     non_negative_int,
+    parse_with_unet_speed_flags,
     positive_float,
     positive_int,
     resolve_amp,
@@ -118,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--sample-every", type=positive_int, default=5, help="epochs between sample grids")
     add("--log-every", type=positive_int, default=50, help="steps between rows of train_log.csv")
     add("--resume", default=None, help="latest (newest checkpoint in --out-dir) or a checkpoint path")
-    return parser.parse_args(argv)
+    return parse_with_unet_speed_flags(parser, argv)
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -32,6 +32,7 @@ from cli import (  # noqa: E402
     configure_fast_path,
     inference_unet,
     int_tuple,
+    parse_with_unet_speed_flags,
     positive_int,
     resolve_amp,
     resolve_device,
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed of the weights (no checkpoint) and the noise")
     add("--device", default="auto", help="auto | cpu | cuda")
     add("--json", default=None, help="also write the results to this JSON file")
-    return parser.parse_args(argv)
+    return parse_with_unet_speed_flags(parser, argv)
 
 
 def load_network(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, GaussianDiffusion]:

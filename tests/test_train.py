@@ -261,6 +261,10 @@ def bad_input_cases(tiny_data: Path, finished_run: Path, tmp_path: Path) -> dict
         "zero lr": ([*fresh, "--lr", "0"], "argument --lr: must be a positive number, got 0"),
         "T below 2": ([*fresh, "--T", "1"], "--T must be at least 2, got 1"),
         "unknown data": ([*fresh, "--data", "cifar10"], "argument --data: invalid choice: 'cifar10'"),
+        "compile mode alone": (
+            [*fresh, "--compile-mode", "reduce-overhead"],
+            "reduce-overhead needs --compile",
+        ),
         "unwritable out-dir": (tiny_argv(tiny_data, a_file), f"cannot create output folder {a_file}"),
         "missing resume": ([*fresh, "--resume", str(tmp_path / "nope.pt")], "no checkpoint file at"),
         "corrupt resume": ([*fresh, "--resume", str(corrupt)], "is not a readable checkpoint"),
@@ -278,9 +282,9 @@ def bad_input_cases(tiny_data: Path, finished_run: Path, tmp_path: Path) -> dict
 
 
 BAD_INPUTS = [
-    "zero epochs", "negative batch", "zero lr", "T below 2", "unknown data", "unwritable out-dir",
-    "missing resume", "corrupt resume", "other architecture", "no training state", "run already there",
-    "resume into another run",
+    "zero epochs", "negative batch", "zero lr", "T below 2", "unknown data", "compile mode alone",
+    "unwritable out-dir", "missing resume", "corrupt resume", "other architecture", "no training state",
+    "run already there", "resume into another run",
 ]  # fmt: skip
 
 
