@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpointing import load_for_inference  # noqa: E402
 from cli import (  # noqa: E402
     OneLineErrorParser,
+    UserError,
     add_unet_speed_flags,
     configure_fast_path,
     inference_unet,
@@ -40,7 +41,7 @@ from cli import (  # noqa: E402
     seed_everything,
 )
 from diffusion import SAMPLERS, GaussianDiffusion  # noqa: E402
-from eval_MNIST import generate_samples  # noqa: E402
+from eval_MNIST import check_sampling_flags, generate_samples  # noqa: E402
 from model import UNet, count_parameters  # noqa: E402
 
 
@@ -85,6 +86,19 @@ def sampling_flags(args, num_samples: int, batch_size: int, sampler: str, steps:
     )
 
 
+def timed_run_flags(args, batch_size: int) -> argparse.Namespace:
+    """The flags of a timed run: --num-samples images with --sampler (DDPM runs all T steps)."""
+    steps = None if args.sampler == "ddpm" else args.steps
+    return sampling_flags(args, args.num_samples, batch_size, args.sampler, steps)
+
+
+def check_flags(args: argparse.Namespace, model, diffusion: GaussianDiffusion) -> None:
+    """One-line errors for batch sizes below 1 and for what eval_MNIST.py would refuse."""
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise UserError(f"--batch-sizes needs positive integers, e.g. 250,2500; got {args.batch_sizes}")
+    check_sampling_flags(timed_run_flags(args, args.batch_sizes[0]), diffusion, model.num_classes)
+
+
 def timed(function, device: torch.device) -> float:
     """Seconds that function() takes, the device synchronised on both sides."""
     synchronize(device)
@@ -104,8 +118,7 @@ def time_batch_size(model, diffusion, args, batch_size: int, device: torch.devic
     --repeats runs of --num-samples images."""
     warmup = sampling_flags(args, batch_size, batch_size, "ddim", args.warmup_steps)
     warmup_s = timed(lambda: generate_samples(model, diffusion, warmup, device), device)
-    steps = None if args.sampler == "ddpm" else args.steps
-    flags = sampling_flags(args, args.num_samples, batch_size, args.sampler, steps)
+    flags = timed_run_flags(args, batch_size)
     seconds = [
         timed(lambda: generate_samples(model, diffusion, flags, device), device) for _ in range(args.repeats)
     ]
@@ -151,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_fast_path(device)
     seed_everything(args.seed)
     model, diffusion = load_network(args, device)
+    check_flags(args, model, diffusion)
     parameters = count_parameters(model)
     model = inference_unet(model, args)
     results = [time_batch_size(model, diffusion, args, size, device) for size in args.batch_sizes]
