@@ -514,7 +514,7 @@ class Run:
         state.scaler.step(state.optimizer)
         state.scaler.update()
         state.scheduler.step()
-        state.ema.update_parameters(state.model)
+        state.ema.update()
         state.step += 1
         state.batch_in_epoch += 1
         self.log.record(loss.detach(), grad_norm)

@@ -57,24 +57,25 @@ def ema_decay_after(n_averaged: int, max_decay: float) -> float:
 class WarmupEMA:
     """An exponential moving average of a model's floating-point weights with the warm-up decay above.
 
-    `module` is a frozen copy of the model. The first update copies the weights; update k + 1
-    blends in the model with weight 1 - decay(k): ema <- ema + (1 - decay) (model - ema).
+    `module` is a frozen copy of the model. The first update copies the model's weights; update
+    k + 1 blends them in with weight 1 - decay(k): ema <- ema + (1 - decay) (model - ema). The
+    model's tensors are looked up once: training changes them in place (the optimizer step, a
+    resume's load_state_dict), never replaces them.
     """
 
     def __init__(self, model: nn.Module, max_decay: float):
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.max_decay = max_decay
         self.n_averaged = 0
-        self.averaged = floating_tensors(self.module)
+        self.averaged, self.source = floating_tensors(self.module), floating_tensors(model)
 
     @torch.no_grad()
-    def update_parameters(self, model: nn.Module) -> None:
-        current = floating_tensors(model)
+    def update(self) -> None:
         if self.n_averaged == 0:
-            torch._foreach_copy_(self.averaged, current)
+            torch._foreach_copy_(self.averaged, self.source)
         else:
             decay = ema_decay_after(self.n_averaged, self.max_decay)
-            torch._foreach_lerp_(self.averaged, current, 1 - decay)
+            torch._foreach_lerp_(self.averaged, self.source, 1 - decay)
         self.n_averaged += 1
 
 

@@ -43,6 +43,7 @@ from cli import (  # noqa: E402
     OneLineErrorParser,
     UserError,
     int_tuple,
+    parse_with_unet_speed_flags,
     positive_int,
     resolve_device,
     run_cli,
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed of weights and inputs")
     add("--device", default="auto", help="auto | cpu | cuda")
     add("--json", default=None, help="also write the results to this JSON file")
-    return parser.parse_args(argv)
+    return parse_with_unet_speed_flags(parser, argv)
 
 
 def network_names(text: str) -> tuple[str, ...]:

@@ -174,7 +174,7 @@ def train_ours(args: argparse.Namespace, images: torch.Tensor, device: torch.dev
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema.update_parameters(model)
+        ema.update()
         return loss.item()
 
     stats = train_for(args.minutes * SECONDS_PER_MINUTE, args.clock, images, args.batch_size, args.seed, step)
