@@ -744,7 +744,9 @@ def main(argv: list[str] | None = None) -> None:
         recon_timesteps(args.recon_t, diffusion.T)  # fail on a bad --recon-t before sampling
     data = args.data or (checkpoint_info["config"].get("data") if checkpoint_info else None) or "mnist"
     label = data_label(data, args.data_dir)
-    paths = output_paths(args, Path(checkpoint_info["path"]).stem if model else f"baselines_{label}")
+    paths = output_paths(
+        args, Path(checkpoint_info["path"]).stem if model is not None else f"baselines_{label}"
+    )
 
     test_set = load_images(data, "test", args.data_dir)
     reference = real_set(test_set[0], label, "test")

@@ -286,6 +286,33 @@ def test_amp_flag_sets_the_unet_dtype_and_the_chain_stays_float32(tiny_checkpoin
     assert samples.abs().max() <= 1
 
 
+class LikeCompiled(torch.nn.Module):
+    """Stands in for torch.compile's wrapper, which has no len() and so no truth value."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.num_classes = model, model.num_classes
+
+    def __len__(self) -> int:
+        raise TypeError("a compiled U-Net does not support len()")
+
+    def forward(self, *inputs):
+        return self.model(*inputs)
+
+
+def test_evaluation_runs_with_a_compiled_unet(tiny_checkpoint, classifier_path, tmp_path, monkeypatch):
+    """--compile hands the rest of eval_MNIST a wrapper without a truth value: it must never be
+    tested with `if model` (that raised TypeError once). The wrapper here is torch.compile's stand-in,
+    since compiling itself takes a minute on a CPU."""
+    monkeypatch.setattr(eval_MNIST, "inference_unet", lambda model, args: LikeCompiled(model))
+    json_path = tmp_path / "report.json"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--num-samples", "4", "--steps", "2",
+            "--metrics", "classifier", "--classifier", str(classifier_path), "--json", str(json_path),
+            "--device", "cpu"]  # fmt: skip
+    run_eval(argv)
+    assert json.loads(json_path.read_text())["metrics"]["generated"]["classifier"]
+
+
 def test_conditional_model_gets_cas_and_a_grid_row_per_class(tmp_path, tiny_checkpoint):
     """An untrained class-conditional model: CAS runs (near chance) and the grid has 10 rows."""
     checkpoint = torch.load(tiny_checkpoint, weights_only=True)
