@@ -3,7 +3,8 @@
 # U-Net (bf16, eager and torch.compile), the time of 10,000 DDIM-50 samples, and the real training
 # loop of train_MNIST.py with its default flags for a few epochs (eager, compiled, and compiled with
 # CUDA graphs and NHWC weights). Every step is logged to OUT_DIR/gpu.log; JSON and train_log.csv
-# files land beside it. About 13 minutes on an H200, much of it torch.compile.
+# files land beside it. On an H200 its first eight steps took 556 s and the last two about 155 s
+# (run apart), much of it torch.compile.
 #
 # Usage: bash benchmarks/gpu_report.sh OUT_DIR DATA_DIR [EPOCHS]
 #   DATA_DIR: MNIST-format IDX files of 60,000 training images (MNIST, or Fashion-MNIST offline)
