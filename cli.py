@@ -136,13 +136,7 @@ def add_unet_speed_flags(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="U-Net autocast dtype; auto: bf16 on a GPU that has it",
     )
-    add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the U-Net")
-    add(
-        "--compile-mode",
-        choices=COMPILE_MODES,
-        default="default",
-        help="torch.compile mode (reduce-overhead: CUDA graphs)",
-    )
+    add_compile_flags(parser, "the U-Net")
     add(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -151,10 +145,29 @@ def add_unet_speed_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_compile_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """--compile (torch.compile `what`) and --compile-mode."""
+    add = parser.add_argument
+    add("--compile", action=argparse.BooleanOptionalAction, default=False, help=f"torch.compile {what}")
+    add(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode (reduce-overhead: CUDA graphs)",
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (a no-op on a CPU), so that a host clock times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def parse_with_unet_speed_flags(
     parser: argparse.ArgumentParser, argv: list[str] | None
 ) -> argparse.Namespace:
-    """parser.parse_args, refusing a --compile-mode that would be ignored for want of --compile."""
+    """parser.parse_args, refusing a --compile-mode that would be ignored for want of --compile
+    (for any parser with add_compile_flags)."""
     args = parser.parse_args(argv)
     if args.compile_mode != "default" and not args.compile:
         parser.error(f"--compile-mode {args.compile_mode} needs --compile")

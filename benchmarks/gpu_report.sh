@@ -38,16 +38,17 @@ train_run() {  # train_run NAME TIME_LIMIT_S EXTRA_FLAGS...: default train_MNIST
 
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; python -c \
     "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } >> "$log" 2>&1
-throughput=(python benchmarks/throughput.py --networks ours $default_unet --batch-size 128
-    --dtype bfloat16 --iters 20 --repeats 5 --warmup 5)
+throughput=(python benchmarks/throughput.py --networks ours $default_unet --dtype bfloat16
+    --iters 20 --repeats 5 --warmup 5)
 sampling=(python benchmarks/sampling_speed.py --batch-sizes 1000,10000 --repeats 2)
 
-step throughput_eager 60 "${throughput[@]}" --json "$out/throughput_eager.json"
-step throughput_eager_channels_last 60 "${throughput[@]}" --channels-last
-step throughput_eager_batch_512 60 "${throughput[@]/128/512}"
+step throughput_eager 60 "${throughput[@]}" --batch-size 128 --json "$out/throughput_eager.json"
+step throughput_eager_channels_last 60 "${throughput[@]}" --batch-size 128 --channels-last
+step throughput_eager_batch_512 60 "${throughput[@]}" --batch-size 512
 step sampling_eager 120 "${sampling[@]}" --json "$out/sampling_eager.json"
 train_run train_eager 90
-step throughput_compiled 150 "${throughput[@]}" --compile --json "$out/throughput_compiled.json"
+step throughput_compiled 150 "${throughput[@]}" --batch-size 128 --compile \
+    --json "$out/throughput_compiled.json"
 step sampling_compiled 150 "${sampling[@]}" --compile --json "$out/sampling_compiled.json"
 train_run train_compiled 150 --compile
 train_run train_fast 150 --compile --compile-mode reduce-overhead --channels-last

@@ -39,9 +39,10 @@ from cli import (  # noqa: E402
     resolve_device,
     run_cli,
     seed_everything,
+    synchronize,
 )
 from diffusion import SAMPLERS, GaussianDiffusion  # noqa: E402
-from eval_MNIST import check_sampling_flags, generate_samples  # noqa: E402
+from eval_MNIST import check_sampling_flags, generate_samples, hardware  # noqa: E402
 from model import UNet, count_parameters  # noqa: E402
 
 
@@ -108,11 +109,6 @@ def timed(function, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_batch_size(model, diffusion, args, batch_size: int, device: torch.device) -> dict:
     """Warm up on one batch of this size (a few DDIM steps: the same network calls), then time
     --repeats runs of --num-samples images."""
@@ -134,8 +130,9 @@ def time_batch_size(model, diffusion, args, batch_size: int, device: torch.devic
 
 def print_table(results: list[dict], env: dict) -> None:
     print(
-        f"\n{env['device']}, amp {env['amp']}, compiled {env['compiled']}, channels_last "
-        f"{env['channels_last']}, torch {env['torch']}, U-Net {env['parameters']:,} parameters"
+        f"\n{env['device']} ({env['torch_threads']} torch threads), amp {env['amp']}, compiled "
+        f"{env['compiled']}, channels_last {env['channels_last']}, torch {env['torch']}, "
+        f"U-Net {env['parameters']:,} parameters"
     )
     print(
         f"{env['num_samples']:,} samples, {env['sampler']} {env['steps']} steps,"
@@ -147,12 +144,6 @@ def print_table(results: list[dict], env: dict) -> None:
     for row in results:
         spread = f"{row['median_s']:.2f} ({min(row['seconds']):.2f}-{max(row['seconds']):.2f})"
         print(f"{row['batch_size']:>7}{row['warmup_s']:>11.1f}{spread:>24}{row['images_per_s']:>11.0f}")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} torch threads)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     model = inference_unet(model, args)
     results = [time_batch_size(model, diffusion, args, size, device) for size in args.batch_sizes]
     env = {
-        "device": device_name(device),
+        "device": hardware(device),
+        "torch_threads": torch.get_num_threads(),
         "amp": args.amp,
         "compiled": args.compile_mode if args.compile else False,
         "channels_last": args.channels_last,

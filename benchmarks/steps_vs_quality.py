@@ -33,6 +33,7 @@ from cli import (  # noqa: E402
     resolve_device,
     run_cli,
     seed_everything,
+    synchronize,
 )
 from data_sources import DATA_SETS, load_images  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
@@ -85,8 +86,7 @@ def draw(
         batches.append(
             diffusion.sample(model, count, sampler=sampler, steps=steps, generator=generator).cpu()
         )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return torch.cat(batches), time.perf_counter() - start
 
 

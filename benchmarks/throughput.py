@@ -39,15 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reference_models import diffusers_unet, lucidrains_unet_matching  # noqa: E402
 from cli import (  # noqa: E402
-    COMPILE_MODES,
     OneLineErrorParser,
     UserError,
+    add_compile_flags,
     int_tuple,
     parse_with_unet_speed_flags,
     positive_int,
     resolve_device,
     run_cli,
     seed_everything,
+    synchronize,
 )
 from model import UNet, count_parameters  # noqa: E402
 
@@ -77,13 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--reference-layers", type=positive_int, default=1, help="diffusers: layers per block")
     add("--dtype", choices=tuple(DTYPES), default="float32", help="fp32, or bf16 autocast, for every network")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="NHWC for all")
-    add("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile every network")
-    add(
-        "--compile-mode",
-        choices=COMPILE_MODES,
-        default="default",
-        help="torch.compile mode (reduce-overhead: CUDA graphs)",
-    )
+    add_compile_flags(parser, "every network")
     add("--networks", type=network_names, default=",".join(NETWORKS), help="which networks to time")
     add("--repeats", type=positive_int, default=5, help="interleaved timing rounds")
     add("--iters", type=positive_int, default=3, help="training steps / forward passes per timing")
@@ -200,11 +195,6 @@ class Contestant:
             step()
         synchronize(self.device)
         return self.iters * self.x.shape[0] / (time.perf_counter() - start)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def interleaved_rates(contestants: dict[str, Contestant], args: argparse.Namespace) -> dict[str, dict]:
