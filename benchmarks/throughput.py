@@ -42,6 +42,7 @@ from cli import (  # noqa: E402
     OneLineErrorParser,
     UserError,
     add_compile_flags,
+    configure_fast_path,
     int_tuple,
     parse_with_unet_speed_flags,
     positive_int,
@@ -88,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed of weights and inputs")
     add("--device", default="auto", help="auto | cpu | cuda")
     add("--json", default=None, help="also write the results to this JSON file")
+    add("--profile", default=None, help="also profile ours' training steps; kernel table to this file")
     return parse_with_unet_speed_flags(parser, argv)
 
 
@@ -163,7 +165,8 @@ class Contestant:
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.network = network.to(device, memory_format=memory_format)
         self.forward = torch.compile(self.network, mode=args.compile_mode) if args.compile else self.network
-        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=1e-4)
+        # fused on a GPU, as train_MNIST.py runs it (one kernel for all parameters)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=1e-4, fused=device.type == "cuda")
         generator = torch.Generator(device=device).manual_seed(args.seed)
         shape = (args.batch_size, 1, 28, 28)
         self.x = torch.randn(shape, generator=generator, device=device).contiguous(
@@ -210,6 +213,24 @@ def interleaved_rates(contestants: dict[str, Contestant], args: argparse.Namespa
             forward_rate = contestant.images_per_second(contestant.forward_pass)
             rates[name]["sample"].append(forward_rate / args.sample_steps)
     return rates
+
+
+def profile_training(contestant: Contestant, steps: int, path: str) -> None:
+    """torch.profiler over `steps` training steps of one network: the top operators and kernels by
+    self time on the device (GPU) or the host (CPU), printed and written to path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = contestant.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            contestant.train_step()
+        synchronize(contestant.device)
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70)
+    print(f"\nprofile of {steps} training steps of ours, sorted by {sort_by}:\n{table}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(table)
 
 
 def peak_flops(device: torch.device, dtype: str) -> float | None:
@@ -308,6 +329,7 @@ def print_table(results: dict, env: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    configure_fast_path(device)  # TF32 and cuDNN autotuning on a GPU, as in train_MNIST.py
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -318,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     results = summarize(networks, rates, flops, args, device)
     env = environment(device, args)
     print_table(results, env)
+    if args.profile:
+        profile_training(contestants["ours"], args.iters, args.profile)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
