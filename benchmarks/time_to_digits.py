@@ -5,7 +5,8 @@ feature maps are small (16, 32, 64, 64 channels at 28, 14, 7, 4 pixels; attentio
 v-prediction (Salimans & Ho 2022, arXiv:2202.00512), min-SNR-5 loss weighting (Hang et al. 2023,
 arXiv:2303.09556), batches of 128, AdamW with a linear LR warm-up and a cosine decay that reaches 0
 when the time budget does, an EMA whose decay warms up (training_state.WarmupEMA) and bf16
-autocast (the CPU's AMX units). Sampling: DDIM 50 steps
+autocast (the CPU's AMX units); --compile adds torch.compile, its compiling counted in the budget.
+Sampling: DDIM 50 steps
 (Song et al. 2021, arXiv:2010.02502) of the EMA weights, through diffusion.sample.
 With --reference the tuned diffusers set-up of issue 7 trains under the same budget and is judged by
 the same classifier: UNet2DModel (32, 64, 64), 1 layer per block, no block attention (1,062,497
@@ -43,8 +44,10 @@ from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # no
 from cli import (  # noqa: E402
     OneLineErrorParser,
     UserError,
+    add_compile_flags,
     int_tuple,
     non_negative_int,
+    parse_with_unet_speed_flags,
     positive_float,
     positive_int,
     resolve_device,
@@ -91,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--lr-schedule", choices=LR_SCHEDULES, default="cosine", help="LR after the warm-up, over the budget")
     add("--ema-decay", type=float, default=0.999, help="EMA decay, reached after its warm-up")
     add("--amp", choices=("bf16", "none"), default="bf16", help="autocast dtype of our training steps")
+    add_compile_flags(parser, "our U-Net's training forward (compiling counts against the budget)")
     add("--reference", action=argparse.BooleanOptionalAction, default=False, help="also train diffusers")
     add("--num-samples", type=positive_int, default=256, help="samples judged per set-up")
     add("--sampler", choices=SAMPLERS, default="ddim", help="our sampler (the reference uses DDIM)")
@@ -101,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--device", default="auto", help="auto | cpu | cuda")
     add("--out-dir", default="runs/time_to_digits", help="sample grids and our checkpoint ours.pt")
     add("--json", default=None, help="also write the results to this JSON file")
-    return parser.parse_args(argv)
+    return parse_with_unet_speed_flags(parser, argv)
 
 
 # ----- one training loop, two set-ups ------------------------------------------------------------
@@ -163,6 +167,7 @@ def train_ours(args: argparse.Namespace, images: torch.Tensor, device: torch.dev
     diffusion = GaussianDiffusion(prediction=args.prediction).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ema = WarmupEMA(model, args.ema_decay)
+    network = torch.compile(model, mode=args.compile_mode) if args.compile else model
     autocast = torch.autocast(device.type, torch.bfloat16) if args.amp == "bf16" else nullcontext()
 
     def step(x0: torch.Tensor, step_index: int, budget_fraction: float) -> float:
@@ -170,7 +175,7 @@ def train_ours(args: argparse.Namespace, images: torch.Tensor, device: torch.dev
         for group in optimizer.param_groups:
             group["lr"] = args.lr * factor
         with autocast:
-            loss = diffusion.training_loss(model, x0, min_snr_gamma=args.min_snr_gamma)
+            loss = diffusion.training_loss(network, x0, min_snr_gamma=args.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
