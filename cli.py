@@ -178,7 +178,23 @@ def inference_unet(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn
     """The U-Net as add_unet_speed_flags asks: NHWC weights and/or torch.compile (same parameters)."""
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model, mode=args.compile_mode) if args.compile else model
+    return compile_unet(model, args.compile_mode) if args.compile else model
+
+
+def compile_unet(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile(model, mode=mode). On a CPU, Inductor builds C++ code at the first forward: a
+    missing C++ compiler is a UserError here rather than a traceback then."""
+    if next(model.parameters()).device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except RuntimeError:  # torch._inductor.exc.InvalidCxxCompiler, or the Windows checks
+            raise UserError(
+                "--compile on a CPU needs a C++ compiler for torch.compile (g++ or clang++ on the PATH, "
+                "or CXX=...): none found; run without --compile"
+            ) from None
+    return torch.compile(model, mode=mode)
 
 
 def seed_everything(seed: int) -> None:

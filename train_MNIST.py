@@ -51,6 +51,7 @@ from cli import (
     UserError,
     add_unet_speed_flags,
     autocast_context,
+    compile_unet,
     configure_fast_path,
     int_tuple,
     non_negative_int,
@@ -336,7 +337,7 @@ def network_for_training(
 
     Checkpoints always save state.model, the plain U-Net (no `_orig_mod.` or `module.` prefixes).
     """
-    network = torch.compile(state.model, mode=args.compile_mode) if args.compile else state.model
+    network = compile_unet(state.model, args.compile_mode) if args.compile else state.model
     if processes.world_size > 1:
         device_ids = [processes.device.index] if processes.device.type == "cuda" else None
         network = DistributedDataParallel(network, device_ids=device_ids)

@@ -42,6 +42,7 @@ from cli import (  # noqa: E402
     OneLineErrorParser,
     UserError,
     add_compile_flags,
+    compile_unet,
     configure_fast_path,
     int_tuple,
     parse_with_unet_speed_flags,
@@ -164,7 +165,7 @@ class Contestant:
     def __init__(self, network: nn.Module, args: argparse.Namespace, device: torch.device):
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.network = network.to(device, memory_format=memory_format)
-        self.forward = torch.compile(self.network, mode=args.compile_mode) if args.compile else self.network
+        self.forward = compile_unet(self.network, args.compile_mode) if args.compile else self.network
         # fused on a GPU, as train_MNIST.py runs it (one kernel for all parameters)
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=1e-4, fused=device.type == "cuda")
         generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -45,6 +45,7 @@ from cli import (  # noqa: E402
     OneLineErrorParser,
     UserError,
     add_compile_flags,
+    compile_unet,
     int_tuple,
     non_negative_int,
     parse_with_unet_speed_flags,
@@ -167,7 +168,7 @@ def train_ours(args: argparse.Namespace, images: torch.Tensor, device: torch.dev
     diffusion = GaussianDiffusion(prediction=args.prediction).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ema = WarmupEMA(model, args.ema_decay)
-    network = torch.compile(model, mode=args.compile_mode) if args.compile else model
+    network = compile_unet(model, args.compile_mode) if args.compile else model
     autocast = torch.autocast(device.type, torch.bfloat16) if args.amp == "bf16" else nullcontext()
 
     def step(x0: torch.Tensor, step_index: int, budget_fraction: float) -> float:

@@ -301,6 +301,21 @@ def test_bad_input_gives_one_line_and_exit_code_2(case, tiny_data, finished_run,
     assert (finished_run / "train_log.csv").read_bytes() == log_before  # nothing of the old run touched
 
 
+def test_compile_without_a_cpp_compiler_is_one_line(tiny_data, tmp_path, capsys, monkeypatch):
+    """On a CPU, torch.compile needs a C++ compiler at the first forward; without one, --compile is a
+    one-line error before training starts, and no checkpoint is written."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main([*tiny_argv(tiny_data, tmp_path / "run"), "--compile"]))
+    assert exit_info.value.code == 2
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(error_lines) == 1 and "--compile on a CPU needs a C++ compiler" in error_lines[0]
+    assert not list((tmp_path / "run").glob("*.pt"))
+
+
 def test_command_line_error_has_no_traceback():
     result = subprocess.run(
         [sys.executable, str(REPO / "train_MNIST.py"), "--epochs", "-1"],
