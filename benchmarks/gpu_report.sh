@@ -5,7 +5,7 @@
 # compiled with CUDA graphs and NHWC weights); on an H200 its first eight steps took 556 s and the
 # last two about 155 s (run apart), much of it torch.compile. Part "large-batch": the fast flags
 # (compiled, CUDA graphs, NHWC) at batch 512 and 1,024, in train_MNIST.py and throughput.py; with
-# EPOCHS 8 it took 323 s on an H200, about 60 s of each of its three steps compiling. Every
+# EPOCHS 8 it took 323 s on an H200 (each train_MNIST.py run compiled for about 60 s). Every
 # step is logged to OUT_DIR/gpu.log; JSON and train_log.csv files land beside it.
 #
 # Usage: bash benchmarks/gpu_report.sh OUT_DIR DATA_DIR [EPOCHS] [PART]
