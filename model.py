@@ -41,6 +41,38 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(MAX_NORM_GROUPS, channels), channels)
 
 
+class ChannelsLastGradient(torch.autograd.Function):
+    """Identity whose backward hands the gradient on in channels_last (NHWC) layout.
+
+    Under torch.compile the gradient reaching a convolution's backward can be NCHW (Inductor traces
+    GroupNorm's backward with NCHW strides) or a channel slice (torch.cat's backward); cuDNN then
+    copies it to NHWC inside convolution_backward, where Inductor cannot fuse the copy away. Asking
+    for NHWC here lets Inductor write the gradient in NHWC in the kernel that computes it (README,
+    "On one GPU": about half the copies gone, 20,057 training img/s on an H200 instead of 18,207).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d whose NHWC output passes its gradient back in NHWC (see ChannelsLastGradient).
+
+    The same parameters and state_dict keys as nn.Conv2d; for NCHW tensors it is nn.Conv2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = super().forward(x)
+        if torch.is_grad_enabled() and output.is_contiguous(memory_format=torch.channels_last):
+            return ChannelsLastGradient.apply(output)
+        return output
+
+
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a layer's weights and bias, so its block starts as the identity (Nichol & Dhariwal)."""
     for parameter in module.parameters():
@@ -54,16 +86,16 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float):
         super().__init__()
         self.in_layers = nn.Sequential(
-            group_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+            group_norm(in_channels), nn.SiLU(), Conv2d(in_channels, out_channels, 3, padding=1)
         )
         self.embedding_projection = nn.Sequential(nn.SiLU(), nn.Linear(embedding_dim, out_channels))
         self.out_layers = nn.Sequential(
             group_norm(out_channels),
             nn.SiLU(),
             nn.Dropout(dropout),
-            zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            zero_init(Conv2d(out_channels, out_channels, 3, padding=1)),
         )
-        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.skip = nn.Identity() if in_channels == out_channels else Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x) + self.embedding_projection(embedding)[:, :, None, None]
@@ -78,8 +110,8 @@ class AttentionBlock(nn.Module):
         divisible = channels % ATTENTION_HEAD_CHANNELS == 0
         self.num_heads = channels // ATTENTION_HEAD_CHANNELS if divisible else 1
         self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+        self.qkv = Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
@@ -94,7 +126,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -105,7 +137,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
@@ -152,7 +184,7 @@ class UNet(nn.Module):
             nn.Linear(model_channels, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim)
         )
         self.label_embedding = None if num_classes is None else nn.Embedding(num_classes + 1, embedding_dim)
-        self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.input_conv = Conv2d(in_channels, model_channels, 3, padding=1)
 
         widths = [model_channels * mult for mult in channel_mult]
         resolutions = [image_size]
@@ -189,7 +221,7 @@ class UNet(nn.Module):
                 self.upsamples.append(Upsample(channels))
 
         self.output = nn.Sequential(
-            group_norm(channels), nn.SiLU(), zero_init(nn.Conv2d(channels, in_channels, 3, padding=1))
+            group_norm(channels), nn.SiLU(), zero_init(Conv2d(channels, in_channels, 3, padding=1))
         )
 
     def embed(self, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

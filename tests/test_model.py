@@ -1,12 +1,14 @@
-"""The U-Net: shapes for every suggested channel_mult, labels, zero-initialised output, and that a
-tiny one can fit a fixed batch."""
+"""The U-Net: shapes for every suggested channel_mult, labels, zero-initialised output, that a
+tiny one can fit a fixed batch, and that NHWC gives the same numbers with NHWC gradients."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
-from model import UNet, count_parameters, timestep_embedding
+from model import Conv2d, UNet, count_parameters, timestep_embedding
 
 
 @pytest.mark.parametrize("channel_mult", [(1, 2), (1, 2, 2), (1, 2, 2, 2)])
@@ -75,3 +77,76 @@ def test_tiny_model_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10
+
+
+def test_conv_hands_back_an_nhwc_gradient_for_a_channel_slice():
+    # torch.cat's backward gives each input a channel slice of the gradient: strided, neither NCHW
+    # nor NHWC. Conv2d turns it into NHWC before its own backward (what cuDNN would copy it into).
+    conv = Conv2d(2, 4, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 2, 5, 5).to(memory_format=torch.channels_last).requires_grad_()
+    seen = {}
+    convolved = torch.nn.Conv2d.forward(conv, x)
+    convolved.register_hook(lambda grad: seen.__setitem__("plain", grad))
+    output = conv(x)
+    output.register_hook(lambda grad: seen.__setitem__("incoming", grad))
+    inner = output.grad_fn.next_functions[0][0]  # the convolution's backward, fed by ChannelsLastGradient
+    inner.register_prehook(lambda grads: seen.__setitem__("to_conv", grads[0]))
+    wide = torch.cat([output, convolved], dim=1)
+    (wide * torch.randn_like(wide)).sum().backward()
+    assert not seen["incoming"].is_contiguous(memory_format=torch.channels_last)
+    assert not seen["plain"].is_contiguous(memory_format=torch.channels_last)
+    assert seen["to_conv"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(seen["to_conv"], seen["incoming"])
+
+
+def test_channels_last_gives_the_same_output_and_gradients():
+    torch.manual_seed(0)
+    model = UNet(
+        model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(14,), dropout=0.0
+    )
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.1)  # no zero-initialised layer blocking the gradient
+    nhwc_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 500, 999])
+    outputs = []
+    for network, images in ((model, x), (nhwc_model, x.to(memory_format=torch.channels_last))):
+        output = network(images, t)
+        output.square().mean().backward()
+        outputs.append(output)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    nhwc_parameters = dict(nhwc_model.named_parameters())
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(nhwc_parameters[name].grad, parameter.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compiled_convolution_backwards_all_get_nhwc_gradients():
+    # Trace a channels_last training step as Inductor sees it (its decompositions), without
+    # generating code, and check the layout of the gradient each convolution_backward receives.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    gradient_layouts = []
+
+    def inspect_backward(graph_module, example_inputs):
+        for node in graph_module.graph.find_nodes(
+            op="call_function", target=torch.ops.aten.convolution_backward.default
+        ):
+            gradient = node.args[0].meta["val"]
+            gradient_layouts.append(gradient.is_contiguous(memory_format=torch.channels_last))
+        return make_boxed_func(graph_module.forward)
+
+    backend = aot_autograd(
+        fw_compiler=lambda graph_module, _: make_boxed_func(graph_module.forward),
+        bw_compiler=inspect_backward,
+        decompositions=select_decomp_table(),
+    )
+    torch._dynamo.reset()
+    model = UNet(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(14,))
+    compiled = torch.compile(model.to(memory_format=torch.channels_last), backend=backend)
+    x = torch.randn(2, 1, 28, 28).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = compiled(x, torch.tensor([1, 900]))
+    output.float().square().mean().backward()
+    assert len(gradient_layouts) > 10 and all(gradient_layouts)
