@@ -146,7 +146,10 @@ def test_compiled_convolution_backwards_all_get_nhwc_gradients():
     model = UNet(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(14,))
     compiled = torch.compile(model.to(memory_format=torch.channels_last), backend=backend)
     x = torch.randn(2, 1, 28, 28).to(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = compiled(x, torch.tensor([1, 900]))
-    output.float().square().mean().backward()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = compiled(x, torch.tensor([1, 900]))
+        output.float().square().mean().backward()
+    finally:
+        torch._dynamo.reset()  # leave no compiled UNet.forward behind for other tests
     assert len(gradient_layouts) > 10 and all(gradient_layouts)
