@@ -1,9 +1,13 @@
 """Checkpoints: one dict of tensors and plain values, written atomically, read with weights_only.
 
 A checkpoint holds (at least) `version`, `config` and the U-Net's weights under `model` and `ema`
-(plain state dicts of the unwrapped network, same keys). `config["model"]` rebuilds the UNet and
-`config["diffusion"]` the GaussianDiffusion, so eval and vizu never need the training flags.
-The trainer adds optimizer, scaler, scheduler, step, epoch and RNG states for resuming.
+(plain state dicts of the unwrapped network, same keys). `config["model"]` rebuilds the UNet,
+`config["diffusion"]` the GaussianDiffusion and `config["image_shape"]` ([C, H, W]) is the shape the
+samplers draw, so eval and vizu never need the training flags. The trainer adds the optimizer, the
+grad scaler, the position in the run and the RNG states for resuming (training_state.py).
+
+Format versions: 1 (no image shape: read as 1 x 28 x 28, the LR scheduler's state saved) and 2 (this
+code). A checkpoint without a version is read as version 1; a newer one is refused in one line.
 
 Example:
     model, diffusion, checkpoint = load_for_inference("checkpoints/last.pt", device, use_ema=True)
@@ -14,21 +18,28 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cli import UserError
 from diffusion import GaussianDiffusion
+from messages import UserError, note
 from model import UNet
+from output_files import atomic_write
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+LEGACY_VERSION = 1  # what a checkpoint without a "version" key is read as
+LEGACY_IMAGE_SHAPE = (1, 28, 28)  # version-1 checkpoints recorded no shape: they are all MNIST
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "demo_mnist5k.pt"  # shipped with the repo
+DEMO_NAME = "demo"
+LAST_NAME = "last.pt"
 EPOCH_PATTERN = re.compile(r"mnist_epoch_(\d+)\.pt$")
-REQUIRED_KEYS = ("version", "config", "model")
+REQUIRED_KEYS = ("config",)  # and weights: "model", "ema" or both
+INFERENCE_KEYS = ("version", "config", "ema", "step", "epoch")  # what export_for_inference keeps
+READ_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
 
 class CheckpointError(UserError):
@@ -36,62 +47,60 @@ class CheckpointError(UserError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write state to path atomically: a temp file in the same folder, fsync, then os.replace.
+    """Write state to path atomically (output_files.atomic_write: temp file, fsync, os.replace).
 
-    An interruption at any point leaves either the old file or the new one, never half of one.
+    An interruption or a failing disk at any point leaves the old file or the new one, never half of
+    one; the failure is an OutputError naming the file and the error.
     """
-    path = Path(path)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temp_name, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
-        with os.fdopen(handle, "wb") as temp_file:
-            torch.save(state, temp_file)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
-def _current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    with atomic_write(path) as temp:
+        torch.save(state, temp)
 
 
 def read_torch_file(
     path: str | Path,
     map_location: str | torch.device = "cpu",
     what: str = "checkpoint",
-    error_class: type[UserError] | None = None,
+    error_class: type[UserError] = CheckpointError,
 ) -> Any:
     """torch.load(path, weights_only=True); a missing or unreadable file is a one-line error_class."""
-    error_class = error_class or CheckpointError
     path = Path(path)
     if not path.is_file():
         raise error_class(f"no {what} file at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        reason = type(error).__name__
+    except READ_ERRORS as error:
         raise error_class(
-            f"{path} is not a readable {what} (corrupt, truncated or foreign: {reason})"
+            f"{path} is not a readable {what} (corrupt, truncated or foreign: {type(error).__name__})"
         ) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with torch.load(weights_only=True); a CheckpointError says what is wrong."""
     checkpoint = read_torch_file(path, map_location)
-    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this repo (not a dict)")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if "model" not in checkpoint and "ema" not in checkpoint:
+        missing.append("model or ema weights")
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this repo (no {', '.join(missing)})")
+    version = checkpoint.setdefault("version", LEGACY_VERSION)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path} is not a checkpoint of this repo (needs keys {', '.join(REQUIRED_KEYS)})"
-        )
-    if checkpoint["version"] > CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path} has format version {checkpoint['version']}; this code reads up to {CHECKPOINT_VERSION}"
+            f"{path} has format version {version}; this code reads versions up to {CHECKPOINT_VERSION} "
+            "(update the repo)"
         )
     return checkpoint
+
+
+def image_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a checkpoint's model draws; 1 x 28 x 28 if unrecorded."""
+    return tuple(config.get("image_shape", LEGACY_IMAGE_SHAPE))
+
+
+def data_source(config: dict[str, Any]) -> tuple[str, str | None]:
+    """(data set name, IDX folder or None) that a checkpoint was trained on."""
+    return config.get("data") or "mnist", config.get("data_dir")
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
@@ -101,8 +110,8 @@ def epoch_checkpoint_name(epoch: int) -> str:
 def latest_checkpoint(directory: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
     """last.pt in directory if present, else the mnist_epoch_XX.pt with the highest epoch."""
     directory = Path(directory)
-    if (directory / "last.pt").is_file():
-        return directory / "last.pt"
+    if (directory / LAST_NAME).is_file():
+        return directory / LAST_NAME
     epochs = [
         (int(m.group(1)), p)
         for p in directory.glob("mnist_epoch_*.pt")
@@ -115,12 +124,34 @@ def latest_checkpoint(directory: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
     return max(epochs)[1]
 
 
+def resolve_checkpoint(name: str | None, directory: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
+    """What --checkpoint names: "demo" is the shipped demo model; None is the newest checkpoint in
+    directory, else (with one line saying so) the demo model; anything else a path."""
+    if name == DEMO_NAME:
+        return DEMO_CHECKPOINT
+    if name is not None:
+        return Path(name)
+    try:
+        return latest_checkpoint(directory)
+    except CheckpointError:
+        if not DEMO_CHECKPOINT.is_file():
+            raise
+    note(f"no checkpoint in {directory}/: using the demo model {os.path.relpath(DEMO_CHECKPOINT)}")
+    return DEMO_CHECKPOINT
+
+
 def build_model(config: dict[str, Any]) -> UNet:
-    """The UNet described by config["model"]."""
-    model_config = dict(config["model"])
+    """The UNet described by config["model"], for images of config's image_shape."""
+    channels, height, _ = image_shape(config)
+    model_config = {"in_channels": channels, "image_size": height, **config["model"]}
     for key in ("channel_mult", "attention_resolutions"):
         model_config[key] = tuple(model_config[key])
     return UNet(**model_config)
+
+
+def weights_used(checkpoint: dict[str, Any], use_ema: bool) -> str:
+    """ "ema" or "model": the weights load_for_inference takes (the other ones when only they exist)."""
+    return "ema" if (use_ema or "model" not in checkpoint) and "ema" in checkpoint else "model"
 
 
 def load_for_inference(
@@ -132,7 +163,7 @@ def load_for_inference(
     """
     checkpoint = load_checkpoint(path)
     config = checkpoint["config"]
-    weights_key = "ema" if use_ema and "ema" in checkpoint else "model"
+    weights_key = weights_used(checkpoint, use_ema)
     try:
         model = build_model(config)
         model.load_state_dict(checkpoint[weights_key])
@@ -141,3 +172,12 @@ def load_for_inference(
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path} does not match this code's model: {first_line}") from None
     return model.to(device).eval(), diffusion.to(device), checkpoint
+
+
+def export_for_inference(source: str | Path, target: str | Path) -> None:
+    """Write the EMA weights, config and position of a training checkpoint to `target`: a file for
+    eval and vizu only (no optimizer, no raw weights), as the shipped demo model is."""
+    checkpoint = load_checkpoint(source)
+    if "ema" not in checkpoint:
+        raise CheckpointError(f"{source} has no EMA weights to export")
+    save_checkpoint({key: checkpoint[key] for key in INFERENCE_KEYS if key in checkpoint}, target)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import UserError
+from messages import UserError
 
 DATA_SETS = ("mnist", "mnist-5k", "fashion-mnist")
 SPLITS = ("train", "test")
@@ -43,8 +43,8 @@ def offline_hint(name: str) -> str:
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """[N, 28, 28] uint8 in {0..255} -> [N, 1, 28, 28] float32 in [-1, 1]."""
-    return (images_uint8.float() / 127.5 - 1.0).unsqueeze(1)
+    """uint8 images in {0..255} -> float32 in [-1, 1], same shape (image_metrics.to_uint8 inverts it)."""
+    return images_uint8.float() / 127.5 - 1.0
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -141,4 +141,24 @@ def load_images(
         images, labels = load_torchvision(name, split, Path(root))
     else:
         raise DataUnavailableError(f"unknown data set {name!r}: choose one of {', '.join(DATA_SETS)}")
-    return to_model_range(images), labels
+    return to_model_range(images.unsqueeze(1)), labels
+
+
+def spread_over_classes(labels: torch.Tensor, count: int, seed: int) -> list[int]:
+    """`count` indices whose labels go round the classes (in a seeded random order of the classes,
+    each class's images in a seeded random order), so that a few images show different classes."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    classes = classes[torch.randperm(len(classes), generator=generator)]
+    queues = [
+        torch.nonzero(labels == label).flatten()[
+            torch.randperm(int((labels == label).sum()), generator=generator)
+        ]
+        for label in classes
+    ]
+    picked = []
+    for position in range(max(len(queue) for queue in queues)):
+        picked += [int(queue[position]) for queue in queues if position < len(queue)]
+        if len(picked) >= count:
+            break
+    return picked[:count]

@@ -13,7 +13,7 @@ paper's x_0) as t = -1.
 
 Example:
     diffusion = GaussianDiffusion(T=1000, schedule="cosine").to("cuda")
-    images = diffusion.sample(model, 64, sampler="ddim", steps=50)   # [64, 1, 28, 28] in [-1, 1]
+    images = diffusion.sample(model, 64, sampler="ddim", steps=50, image_shape=(1, 28, 28))  # in [-1, 1]
 """
 
 from __future__ import annotations
@@ -315,17 +315,19 @@ class GaussianDiffusion(nn.Module):
         x_start: torch.Tensor | None = None,
         start_t: int | None = None,
         clip_x0: bool = True,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
+        image_shape: tuple[int, int, int] | None = None,
     ) -> Iterator[SamplerStep]:
         """Run the reverse process, yielding a SamplerStep at each model evaluation, then the result.
 
-        Starts from x_start at start_t (default: n images of pure noise at t = T-1). Samplers:
-        "ddpm" (Algorithm 2), "ddim" (DDIM eq. 12 with eta) and "dpm++2m" (DPM-Solver++(2M)).
+        Starts from x_start at start_t (default: n images of pure noise [n, *image_shape] at t = T-1).
+        Samplers: "ddpm" (Algorithm 2), "ddim" (DDIM eq. 12 with eta) and "dpm++2m" (DPM-Solver++(2M)).
         """
         start_t = self.T - 1 if start_t is None else start_t
         timesteps = self.timesteps(sampler, steps, start_t)
         device = self.betas.device
         if x_start is None:
+            if n is None or image_shape is None:
+                raise ValueError("sampling from pure noise needs n and image_shape (C, H, W)")
             x_start = torch.randn((n, *image_shape), generator=generator, device=device)
         x_t = x_start.to(device)
         previous_x0 = None
@@ -344,7 +346,7 @@ class GaussianDiffusion(nn.Module):
         yield SamplerStep(-1, x_t, x_t)
 
     def sample(self, model: nn.Module, n: int | None = None, **kwargs) -> torch.Tensor:
-        """Run sample_progressive to the end and return the finished samples [n, 1, 28, 28]."""
+        """Run sample_progressive to the end and return the finished samples [n, C, H, W]."""
         return final_sample(self.sample_progressive(model, n, **kwargs))
 
     def reconstruct(

@@ -1,7 +1,8 @@
-"""Per-image reconstruction metrics (MSE, PSNR, SSIM) and image grids, shared by eval and vizu.
+"""Per-image reconstruction metrics (MSE, PSNR, SSIM) on the [0, 1] scale, shared by eval and vizu.
 
 Images come in the model's range [-1, 1] and are compared on the [0, 1] scale, so MSE is in
-[0, 1], PSNR in dB with peak 1, and SSIM is skimage's `structural_similarity` with data_range=1.
+[0, 1], PSNR in dB with peak 1, and SSIM is skimage's `structural_similarity` with data_range=1
+(Wang et al. 2004), over the channels of a colour image (`channel_axis`) and averaged.
 
 Example:
     scores = reconstruction_metrics(denoised, originals)   # {"mse": [B], "psnr": [B], "ssim": [B]}
@@ -9,12 +10,11 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-from PIL import Image
 from skimage.metrics import structural_similarity
+
+MIN_MSE = 1e-12  # PSNR of identical images is capped at 120 dB rather than infinite
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -35,15 +35,18 @@ def mse(images: torch.Tensor, references: torch.Tensor) -> np.ndarray:
 
 def psnr(images: torch.Tensor, references: torch.Tensor) -> np.ndarray:
     """Peak signal-to-noise ratio in dB per image, peak 1 on the [0, 1] scale: 10 log10(1 / MSE)."""
-    return 10 * np.log10(1.0 / np.maximum(mse(images, references), 1e-12))
+    return 10 * np.log10(1.0 / np.maximum(mse(images, references), MIN_MSE))
 
 
 def ssim(images: torch.Tensor, references: torch.Tensor) -> np.ndarray:
-    """SSIM per image (Wang et al. 2004) via skimage, on [0, 1] images with data_range=1: [B]."""
+    """SSIM per image via skimage, on [0, 1] images with data_range=1, channels averaged: [B]."""
     first = to_unit_range(images).cpu().double().numpy()
     second = to_unit_range(references).cpu().double().numpy()
     return np.array(
-        [structural_similarity(a[0], b[0], data_range=1.0) for a, b in zip(first, second, strict=True)]
+        [
+            structural_similarity(a, b, data_range=1.0, channel_axis=0)
+            for a, b in zip(first, second, strict=True)
+        ]
     )
 
 
@@ -54,22 +57,3 @@ def reconstruction_metrics(images: torch.Tensor, references: torch.Tensor) -> di
         "psnr": psnr(images, references),
         "ssim": ssim(images, references),
     }
-
-
-def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> np.ndarray:
-    """Tile [N, 1, H, W] images in [-1, 1] into one uint8 array [rows * (H+p), columns * (W+p)]."""
-    count, _, height, width = images.shape
-    rows = -(-count // columns)
-    pixels = to_uint8(images)[:, 0].numpy()
-    grid = np.zeros((rows * (height + padding) + padding, columns * (width + padding) + padding), np.uint8)
-    for index in range(count):
-        top = padding + (index // columns) * (height + padding)
-        left = padding + (index % columns) * (width + padding)
-        grid[top : top + height, left : left + width] = pixels[index]
-    return grid
-
-
-def save_image_grid(images: torch.Tensor, path: str | Path, columns: int = 8, scale: int = 2) -> None:
-    """Save [N, 1, H, W] images in [-1, 1] as one PNG grid, upscaled by `scale` for viewing."""
-    grid = Image.fromarray(image_grid(images, columns))
-    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)

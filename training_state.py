@@ -1,8 +1,9 @@
 """Everything a training run needs to resume bit-exactly: weights, EMA, optimizer, RNG, data position.
 
-`TrainingState` holds the U-Net, its EMA (`WarmupEMA`), the AdamW optimizer, the LR scheduler,
-the grad scaler and the position in the run (step, epoch, batch), and turns them into the
-checkpoint dict of `checkpointing.py` and back. RNG states (torch CPU/CUDA,
+`TrainingState` holds the U-Net, its EMA (`WarmupEMA`), the AdamW optimizer, the grad scaler and
+the position in the run (step, epoch, batch, optimizer steps, seconds of training), and turns them
+into the checkpoint dict of `checkpointing.py` and back. The learning rate needs no state of its
+own: the trainer derives it from the optimizer steps and the seconds trained. RNG states (torch CPU/CUDA,
 NumPy, Python) are stored as tensors and plain values so the checkpoint loads with
 `torch.load(weights_only=True)`. The data order needs no state of its own: epoch e is shuffled by a
 generator seeded with data_seed + e, as DistributedSampler does.
@@ -14,7 +15,7 @@ n lives on the host: an update is one fused lerp over all weights and never wait
 stalled the CUDA queue).
 
 Example:
-    state = TrainingState.create(model, optimizer, scheduler, scaler, ema_decay=0.9999, data_seed=0)
+    state = TrainingState.create(model, optimizer, scaler, ema_decay=0.9999, data_seed=0)
     checkpoint = state.to_checkpoint(config, [capture_rng_states(device)])
     state.restore(load_checkpoint("checkpoints/last.pt"), "checkpoints/last.pt")
 """
@@ -39,7 +40,6 @@ RESUME_KEYS = (
     "ema",
     "ema_n_averaged",
     "optimizer",
-    "scheduler",
     "scaler",
     "step",
     "epoch",
@@ -128,22 +128,25 @@ def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
 
 @dataclass
 class TrainingState:
-    """The mutable state of a run; `epoch` counts finished epochs, `batch_in_epoch` the batches of
-    the current one already trained on."""
+    """The mutable state of a run. `step` counts the batches trained on, `optimizer_steps` those whose
+    update was applied (an fp16 step skipped by the grad scaler is not), `epoch` the finished epochs,
+    `batch_in_epoch` the batches of the current one already trained on, and `train_seconds` the time
+    spent in training steps by the run's budget clock."""
 
     model: UNet
     ema: WarmupEMA
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     data_seed: int
     step: int = 0
+    optimizer_steps: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    train_seconds: float = 0.0
 
     @classmethod
-    def create(cls, model, optimizer, scheduler, scaler, ema_decay: float, data_seed: int) -> TrainingState:
-        return cls(model, WarmupEMA(model, ema_decay), optimizer, scheduler, scaler, data_seed)
+    def create(cls, model, optimizer, scaler, ema_decay: float, data_seed: int) -> TrainingState:
+        return cls(model, WarmupEMA(model, ema_decay), optimizer, scaler, data_seed)
 
     def to_checkpoint(self, config: dict[str, Any], rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint dict; rng_states holds one entry per DDP rank (one without DDP)."""
@@ -154,17 +157,19 @@ class TrainingState:
             "ema": self.ema.module.state_dict(),
             "ema_n_averaged": self.ema.n_averaged,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "optimizer_steps": self.optimizer_steps,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "train_seconds": self.train_seconds,
             "data_seed": self.data_seed,
             "rng": rng_states,
         }
 
     def restore(self, checkpoint: dict[str, Any], path: str | Path) -> None:
-        """Load everything but the RNG states; a CheckpointError if it does not fit."""
+        """Load everything but the RNG states; a CheckpointError if it does not fit. Version-1
+        checkpoints (no optimizer_steps, train_seconds) resume with optimizer_steps = step and 0 s."""
         missing = [key for key in RESUME_KEYS if key not in checkpoint]
         if missing:
             raise CheckpointError(
@@ -178,7 +183,6 @@ class TrainingState:
             first_line = str(error).strip().splitlines()[0]
             raise CheckpointError(f"{path} does not fit this model: {first_line}") from None
         self.ema.n_averaged = checkpoint["ema_n_averaged"]
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint["scaler"]:  # empty when saved without fp16
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step, self.epoch, self.batch_in_epoch = (
@@ -186,4 +190,6 @@ class TrainingState:
             checkpoint["epoch"],
             checkpoint["batch_in_epoch"],
         )
+        self.optimizer_steps = checkpoint.get("optimizer_steps", self.step)
+        self.train_seconds = checkpoint.get("train_seconds", 0.0)
         self.data_seed = checkpoint["data_seed"]

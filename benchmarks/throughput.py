@@ -1,32 +1,36 @@
 """Training and sampling throughput of this repo's U-Net against diffusers and denoising-diffusion-pytorch.
 
-Four networks of (within 10%) the same parameter count run in one process, interleaved
+Networks of (within 10%) the same parameter count run in one process, interleaved
 (A B C D A B C D ...), so that a noisy shared machine slows them alike:
-  ours             this repo's UNet (model.py; Ho et al. 2020, arXiv:2006.11239) as set by the flags
+  ours              this repo's UNet (model.py; Ho et al. 2020, arXiv:2006.11239) as set by the
+                    model flags (default: the cpu preset's 1.09M U-Net)
   ours-as-diffusers this repo's UNet with exactly the diffusers block layout below
-  diffusers        UNet2DModel with --reference-channels (c, 2c, 2c), --reference-layers per block
-  lucidrains       denoising-diffusion-pytorch Unet(dim, dim_mults=(1, 2, 2)), dim matched to ours
-Training images/s time forward + backward + AdamW step of a batch; sampling images/s time forward
-passes under inference_mode and divide by --sample-steps (a 50-step DDIM or DPM-Solver++ run,
-arXiv:2010.02502 / arXiv:2211.01095, costs 50 network evaluations; the sampler's own arithmetic is
-negligible). FLOPs per image come from torch.utils.flop_counter (convolutions and matmuls); MFU is
-reported on a GPU whose peak is known. All networks run in the same dtype (fp32, or bf16 autocast),
-and with --compile all go through torch.compile. --networks picks a subset (ours always runs): on a
-GPU machine without the two competitor packages, `--networks ours` times this repo's U-Net alone.
+  diffusers         UNet2DModel with --reference-channels (c, 2c, 2c), --reference-layers per block
+  lucidrains        denoising-diffusion-pytorch Unet(dim, dim_mults=(1, 2, 2)), dim matched to ours
+  ours (trainer)    trainer.py's own training step on ours (what train_MNIST.py runs: noising,
+                    min-SNR weights, clipping, AdamW at the scheduled LR, the EMA), on MNIST-5k
+The bare rows time forward + MSE + backward + AdamW of a fixed batch, the same for every network;
+"ours x" compares them. Sampling images/s time forward passes under inference_mode divided by
+--sample-steps (a 50-step DDIM or DPM-Solver++ run costs 50 network evaluations). FLOPs per image
+come from torch.utils.flop_counter; MFU is reported on a GPU whose peak is known. Every network
+runs as --amp, --compile and --channels-last say (default: the fast path on a GPU, fp32 eager on a
+CPU). --networks picks a subset (ours always runs): on a machine without the two competitor
+packages (benchmarks/requirements.txt), `--networks ours,trainer` times this repo alone.
 
 Example:
-    python benchmarks/throughput.py --dtype bfloat16 --repeats 5 --json runs/throughput.json
-    python benchmarks/throughput.py --networks ours --model-channels 64 --channel-mult 1,2,2 \
-        --num-res-blocks 2 --attn-resolutions 14 --batch-size 128 --dtype bfloat16 --compile  # on a GPU
+    python -m benchmarks.throughput --amp bf16 --threads 1 --repeats 5 --json runs/throughput.json
+    python -m benchmarks.throughput --networks ours --model-channels 64 --channel-mult 1,2,2 \\
+        --num-res-blocks 2 --attn-resolutions 14 --batch-size 1024            # on a GPU: the fast path
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
+import tempfile
 import time
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,63 +39,44 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.reference_models import diffusers_unet, lucidrains_unet_matching  # noqa: E402
-from cli import (  # noqa: E402
-    OneLineErrorParser,
-    UserError,
-    add_compile_flags,
-    compile_unet,
+from benchmarks.reference_models import diffusers_unet, lucidrains_unet_matching
+from checkpointing import build_model
+from cli import OneLineErrorParser, positive_int, run_cli
+from messages import UserError
+from model import UNet, count_parameters
+from output_files import write_json
+from runtime import (
+    AMP_DTYPES,
+    SpeedPlan,
     configure_fast_path,
-    int_tuple,
-    parse_with_unet_speed_flags,
-    positive_int,
+    plan_speed,
+    prepare_unet,
     resolve_device,
-    run_cli,
     seed_everything,
     synchronize,
 )
-from model import UNet, count_parameters  # noqa: E402
+from settings import (
+    PRESETS,
+    DataSettings,
+    ModelSettings,
+    RunSettings,
+    RuntimeSettings,
+    TrainingJob,
+    TrainingSettings,
+)
 
-NETWORKS = ("ours", "ours-as-diffusers", "diffusers", "lucidrains")
+NETWORKS = ("ours", "ours-as-diffusers", "diffusers", "lucidrains", "trainer")
 MAX_PARAMETER_MISMATCH = 0.10
 T_RANGE = 1000  # timesteps are drawn from 0..999 (the networks only embed them)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IMAGE_SHAPE = (1, 28, 28)
+CPU_MODEL = ModelSettings(**{key: PRESETS["cpu"][key] for key in ("model_channels", "channel_mult",
+                          "num_res_blocks", "attn_resolutions", "dropout")})  # fmt: skip
 # Dense peak FLOP/s of GPUs, per autocast dtype (fp32 runs use TF32 tensor cores)
 GPU_PEAK_FLOPS = {
-    "H200": {"bfloat16": 989e12, "float32": 494e12},
-    "H100": {"bfloat16": 989e12, "float32": 494e12},
-    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "H200": {"bf16": 989e12, "none": 494e12},
+    "H100": {"bf16": 989e12, "none": 494e12},
+    "A100": {"bf16": 312e12, "none": 156e12},
 }
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("--batch-size", type=positive_int, default=64, help="images per training step / forward pass")
-    add("--model-channels", type=positive_int, default=16, help="ours: width of the first level")
-    add(
-        "--channel-mult", type=int_tuple, default="1,2,4,4", help="ours: width of each level / model-channels"
-    )
-    add("--num-res-blocks", type=positive_int, default=1, help="ours: residual blocks per level")
-    add("--attn-resolutions", type=int_tuple, default="4", help="ours: feature-map sizes with attention")
-    add("--reference-channels", type=positive_int, default=32, help="diffusers: first block width c")
-    add("--reference-layers", type=positive_int, default=1, help="diffusers: layers per block")
-    add("--dtype", choices=tuple(DTYPES), default="float32", help="fp32, or bf16 autocast, for every network")
-    add("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="NHWC for all")
-    add_compile_flags(parser, "every network")
-    add("--networks", type=network_names, default=",".join(NETWORKS), help="which networks to time")
-    add("--repeats", type=positive_int, default=5, help="interleaved timing rounds")
-    add("--iters", type=positive_int, default=3, help="training steps / forward passes per timing")
-    add("--warmup", type=positive_int, default=2, help="untimed steps per network before timing")
-    add("--sample-steps", type=positive_int, default=50, help="network evaluations per sampled image")
-    add("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    add("--seed", type=int, default=0, help="seed of weights and inputs")
-    add("--device", default="auto", help="auto | cpu | cuda")
-    add("--json", default=None, help="also write the results to this JSON file")
-    add("--profile", default=None, help="also profile ours' training steps; kernel table to this file")
-    return parse_with_unet_speed_flags(parser, argv)
 
 
 def network_names(text: str) -> tuple[str, ...]:
@@ -103,18 +88,32 @@ def network_names(text: str) -> tuple[str, ...]:
     return tuple(name for name in NETWORKS if name in names | {"ours"})
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
+    ModelSettings.add_flags(parser, CPU_MODEL)
+    RuntimeSettings.add_flags(parser)
+    add = parser.add_argument
+    add("--batch-size", type=positive_int, default=64, help="images per training step / forward pass")
+    add("--reference-channels", type=positive_int, default=32, help="diffusers: first block width c")
+    add("--reference-layers", type=positive_int, default=1, help="diffusers: layers per block")
+    add("--networks", type=network_names, default=",".join(NETWORKS), help="which networks to time")
+    add("--repeats", type=positive_int, default=5, help="interleaved timing rounds")
+    add("--iters", type=positive_int, default=3, help="training steps / forward passes per timing")
+    add("--warmup", type=positive_int, default=2, help="untimed steps per network before timing")
+    add("--sample-steps", type=positive_int, default=50, help="network evaluations per sampled image")
+    add("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add("--seed", type=int, default=0, help="seed of weights and inputs")
+    add("--json", default=None, help="also write the results to this JSON file")
+    add("--profile", default=None, help="also profile ours' training steps; kernel table to this file")
+    return parser.parse_args(argv)
+
+
 # ----- the contestants ----------------------------------------------------------------------------
 
 
-def build_networks(args: argparse.Namespace) -> dict[str, nn.Module]:
-    """The chosen networks, checked to lie within 10% of ours in parameter count."""
-    ours = UNet(
-        model_channels=args.model_channels,
-        channel_mult=args.channel_mult,
-        num_res_blocks=args.num_res_blocks,
-        attention_resolutions=args.attn_resolutions,
-        dropout=0.0,
-    )
+def build_networks(args: argparse.Namespace, ours_settings: ModelSettings) -> dict[str, nn.Module]:
+    """The chosen bare networks, checked to lie within 10% of ours in parameter count."""
+    ours = build_model({"model": ours_settings.unet_config(*IMAGE_SHAPE[:2])})
     c = args.reference_channels
     reference_setup = {
         "block_out_channels": (c, 2 * c, 2 * c),
@@ -129,7 +128,7 @@ def build_networks(args: argparse.Namespace) -> dict[str, nn.Module]:
         "diffusers": lambda: diffusers_unet(reference_setup),
         "lucidrains": lambda: lucidrains_unet_matching(count_parameters(ours)),
     }
-    networks = {name: builders[name]() for name in args.networks}
+    networks = {name: builders[name]() for name in args.networks if name in builders}
     check_sizes(networks)
     return networks
 
@@ -143,12 +142,9 @@ def check_sizes(networks: dict[str, nn.Module]) -> None:
         raise UserError(f"parameter counts differ by more than 10%: {listing}; adjust the size flags")
 
 
-# ----- measurements -------------------------------------------------------------------------------
-
-
 def flops_per_image(network: nn.Module, device: torch.device) -> tuple[int, int]:
-    """(forward, forward + backward) FLOPs for one 28x28 image, counted by FlopCounterMode."""
-    x = torch.randn(1, 1, 28, 28, device=device)
+    """(forward, forward + backward) FLOPs for one image, counted by FlopCounterMode."""
+    x = torch.randn(1, *IMAGE_SHAPE, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         network(x, t)
@@ -160,25 +156,27 @@ def flops_per_image(network: nn.Module, device: torch.device) -> tuple[int, int]
 
 
 class Contestant:
-    """One network with its optimizer and fixed inputs; times training steps and forward passes."""
+    """One bare network with its optimizer and fixed inputs; times training steps and forward passes."""
 
-    def __init__(self, network: nn.Module, args: argparse.Namespace, device: torch.device):
-        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.network = network.to(device, memory_format=memory_format)
-        self.forward = compile_unet(self.network, args.compile_mode) if args.compile else self.network
+    def __init__(self, network: nn.Module, plan: SpeedPlan, args: argparse.Namespace, device: torch.device):
+        self.network = network.to(device)
+        self.forward = prepare_unet(self.network, plan)
         # fused on a GPU, as train_MNIST.py runs it (one kernel for all parameters)
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=1e-4, fused=device.type == "cuda")
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        shape = (args.batch_size, 1, 28, 28)
+        shape = (args.batch_size, *IMAGE_SHAPE)
+        memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.x = torch.randn(shape, generator=generator, device=device).contiguous(
             memory_format=memory_format
         )
         self.target = torch.randn(shape, generator=generator, device=device)
         self.t = torch.randint(0, T_RANGE, (args.batch_size,), generator=generator, device=device)
-        self.device, self.dtype, self.iters = device, DTYPES[args.dtype], args.iters
+        self.device, self.amp, self.iters = device, plan.amp, args.iters
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        if self.amp == "none":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
 
     def train_step(self) -> None:
         with self.autocast():
@@ -201,18 +199,45 @@ class Contestant:
         return self.iters * self.x.shape[0] / (time.perf_counter() - start)
 
 
+class TrainerContestant(Contestant):
+    """trainer.py's own step (Run.train_step) on ours' settings and MNIST-5k: what train_MNIST.py runs."""
+
+    def __init__(self, ours_settings: ModelSettings, runtime: RuntimeSettings, args, out_dir: Path):
+        from trainer import epoch_batches, prepare_run, setup_processes
+
+        job = TrainingJob(
+            data=DataSettings("mnist-5k"),
+            model=ours_settings,
+            training=replace(TrainingSettings(), batch_size=args.batch_size, warmup_steps=0),
+            runtime=runtime,
+            run=RunSettings(out_dir=str(out_dir), seed=args.seed, log_every=10**9),
+        )
+        processes = setup_processes(runtime.device)
+        self.run = prepare_run(job, processes)
+        self.run.bar.disable = True
+        self.batches = epoch_batches(len(self.run.images), args.batch_size, args.seed, processes)
+        self.batch_index, self.iters, self.device = 0, args.iters, processes.device
+        self.x = self.batches[0]  # images_per_second reads the batch size from it
+
+    def train_step(self) -> None:
+        self.run.train_step(self.batches[self.batch_index % len(self.batches)], 0.0)
+        self.batch_index += 1
+
+
 def interleaved_rates(contestants: dict[str, Contestant], args: argparse.Namespace) -> dict[str, dict]:
     """{name: {"train": [img/s per round], "sample": [img/s per round]}}, rounds run A B C A B C..."""
     for contestant in contestants.values():
         for _ in range(args.warmup):
             contestant.train_step()
-            contestant.forward_pass()
+            if not isinstance(contestant, TrainerContestant):
+                contestant.forward_pass()
     rates = {name: {"train": [], "sample": []} for name in contestants}
     for _ in tqdm(range(args.repeats), desc="interleaved rounds"):
         for name, contestant in contestants.items():
             rates[name]["train"].append(contestant.images_per_second(contestant.train_step))
-            forward_rate = contestant.images_per_second(contestant.forward_pass)
-            rates[name]["sample"].append(forward_rate / args.sample_steps)
+            if not isinstance(contestant, TrainerContestant):
+                forward_rate = contestant.images_per_second(contestant.forward_pass)
+                rates[name]["sample"].append(forward_rate / args.sample_steps)
     return rates
 
 
@@ -234,36 +259,37 @@ def profile_training(contestant: Contestant, steps: int, path: str) -> None:
     Path(path).write_text(table)
 
 
-def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The GPU's dense peak FLOP/s for dtype, if it is in GPU_PEAK_FLOPS; None on a CPU."""
+def peak_flops(device: torch.device, amp: str) -> float | None:
+    """The GPU's dense peak FLOP/s for the autocast dtype, if it is in GPU_PEAK_FLOPS; None on a CPU."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peaks[dtype] for key, peaks in GPU_PEAK_FLOPS.items() if key in name), None)
+    return next((peaks.get(amp) for key, peaks in GPU_PEAK_FLOPS.items() if key in name), None)
 
 
-def summarize(networks, rates, flops, args, device) -> dict:
+def median_ratio(ours: list[float], theirs: list[float]) -> float | None:
+    """Median over rounds of ours / theirs (per round, so both saw the same machine load)."""
+    return statistics.median(o / r for o, r in zip(ours, theirs, strict=True)) if theirs else None
+
+
+def summarize(contestants: dict[str, Contestant], rates, flops, plan: SpeedPlan, device) -> dict:
     """Per network: parameters, FLOPs, median and min-max img/s, ratio of ours to it, MFU."""
-    peak = peak_flops(device, args.dtype)
+    peak = peak_flops(device, plan.amp)
     results = {}
-    for name, network in networks.items():
+    for name in contestants:
         train, sample = rates[name]["train"], rates[name]["sample"]
-        forward_flops, training_flops = flops[name]
+        forward_flops, training_flops = flops["ours" if name == "trainer" else name]
+        network = contestants["ours" if name == "trainer" else name].network
         results[name] = {
             "parameters": count_parameters(network),
             "forward_flops_per_image": forward_flops,
             "training_flops_per_image": training_flops,
             "train_img_per_s": statistics.median(train),
             "train_min_max": [min(train), max(train)],
-            "sample_img_per_s": statistics.median(sample),
-            "sample_min_max": [min(sample), max(sample)],
-            # per round, so that both sides of a ratio saw the same machine load
-            "ours_train_speedup": statistics.median(
-                o / r for o, r in zip(rates["ours"]["train"], train, strict=True)
-            ),
-            "ours_sample_speedup": statistics.median(
-                o / r for o, r in zip(rates["ours"]["sample"], sample, strict=True)
-            ),
+            "sample_img_per_s": statistics.median(sample) if sample else None,
+            "sample_min_max": [min(sample), max(sample)] if sample else None,
+            "ours_train_speedup": median_ratio(rates["ours"]["train"], train),
+            "ours_sample_speedup": median_ratio(rates["ours"]["sample"], sample),
             "train_mfu": None if peak is None else statistics.median(train) * training_flops / peak,
         }
     return results
@@ -286,13 +312,11 @@ def versions(networks: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def environment(device: torch.device, args: argparse.Namespace) -> dict:
+def environment(device: torch.device, plan: SpeedPlan, args: argparse.Namespace) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {
         "device": f"{name} ({torch.get_num_threads()} torch threads)",
-        "dtype": args.dtype,
-        "channels_last": args.channels_last,
-        "compiled": args.compile_mode if args.compile else False,
+        "speed": plan.describe(),
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "iters": args.iters,
@@ -302,13 +326,10 @@ def environment(device: torch.device, args: argparse.Namespace) -> dict:
 
 
 def print_table(results: dict, env: dict) -> None:
+    print(f"\n{env['device']}, {env['speed']}, batch {env['batch_size']}, versions {env['versions']}")
     print(
-        f"\n{env['device']}, {env['dtype']}, batch {env['batch_size']}, channels_last {env['channels_last']},"
-        f" compiled {env['compiled']}, versions {env['versions']}"
-    )
-    print(
-        f"median (min-max) of {env['repeats']} interleaved rounds;"
-        f" sampling = {env['sample_steps']}-step sampler"
+        f"median (min-max) of {env['repeats']} interleaved rounds; "
+        f"sampling = {env['sample_steps']}-step sampler"
     )
     header = (
         f"{'network':<18}{'params':>10}{'GFLOP/img':>11}{'train img/s':>26}{'ours x':>8}"
@@ -318,36 +339,44 @@ def print_table(results: dict, env: dict) -> None:
     print("-" * len(header))
     for name, r in results.items():
         train = f"{r['train_img_per_s']:.1f} ({r['train_min_max'][0]:.1f}-{r['train_min_max'][1]:.1f})"
-        sample = f"{r['sample_img_per_s']:.2f} ({r['sample_min_max'][0]:.2f}-{r['sample_min_max'][1]:.2f})"
+        sample = "-"
+        if r["sample_img_per_s"] is not None:
+            low, high = r["sample_min_max"]
+            sample = f"{r['sample_img_per_s']:.2f} ({low:.2f}-{high:.2f})"
         mfu = "n/a" if r["train_mfu"] is None else f"{100 * r['train_mfu']:.1f}%"
+        sample_ratio = "-" if r["ours_sample_speedup"] is None else f"{r['ours_sample_speedup']:.2f}"
         print(
             f"{name:<18}{r['parameters']:>10,}{r['training_flops_per_image'] / 1e9:>11.3f}{train:>26}"
-            f"{r['ours_train_speedup']:>8.2f}{sample:>26}{r['ours_sample_speedup']:>8.2f}{mfu:>7}"
+            f"{r['ours_train_speedup']:>8.2f}{sample:>26}{sample_ratio:>8}{mfu:>7}"
         )
-    print("GFLOP/img: forward + backward of one image; 'ours x': ours / this network, median over rounds")
+    print("GFLOP/img: forward + backward of one image; 'ours x': ours / this network, median over rounds;")
+    print("trainer: trainer.py's whole step (noising, loss, clipping, AdamW, EMA) on ours")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    ours_settings, runtime = ModelSettings.from_args(args), RuntimeSettings.from_args(args)
+    device = resolve_device(runtime.device)
+    plan = plan_speed(runtime.amp, runtime.compile, runtime.compile_mode, runtime.channels_last, device)
     configure_fast_path(device)  # TF32 and cuDNN autotuning on a GPU, as in train_MNIST.py
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    networks = build_networks(args)
-    contestants = {name: Contestant(network, args, device) for name, network in networks.items()}
+    networks = build_networks(args, ours_settings)
+    contestants = {name: Contestant(network, plan, args, device) for name, network in networks.items()}
     flops = {name: flops_per_image(c.network, device) for name, c in contestants.items()}
-    rates = interleaved_rates(contestants, args)
-    results = summarize(networks, rates, flops, args, device)
-    env = environment(device, args)
+    with tempfile.TemporaryDirectory() as out_dir:
+        if "trainer" in args.networks:
+            contestants["trainer"] = TrainerContestant(ours_settings, runtime, args, Path(out_dir))
+        rates = interleaved_rates(contestants, args)
+    results = summarize(contestants, rates, flops, plan, device)
+    env = environment(device, plan, args)
     print_table(results, env)
     if args.profile:
         profile_training(contestants["ours"], args.iters, args.profile)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps({"environment": env, "results": results, "rates": rates}, indent=2)
-        )
+        write_json({"environment": env, "results": results, "rates": rates}, args.json)
 
 
 if __name__ == "__main__":

@@ -1,204 +1,156 @@
-"""Time to digits: train from scratch for a fixed wall time, then judge 256 samples with a classifier.
+"""Time to digits: train from scratch for a fixed time budget, then judge the samples as eval_MNIST.py does.
 
-This repo's set-up (defaults below): a lean U-Net of 1.09M parameters whose widths grow where the
-feature maps are small (16, 32, 64, 64 channels at 28, 14, 7, 4 pixels; attention only at 4x4),
-v-prediction (Salimans & Ho 2022, arXiv:2202.00512), min-SNR-5 loss weighting (Hang et al. 2023,
-arXiv:2303.09556), batches of 128, AdamW with a linear LR warm-up and a cosine decay that reaches 0
-when the time budget does, an EMA whose decay warms up (training_state.WarmupEMA) and bf16
-autocast (the CPU's AMX units); --compile adds torch.compile, its compiling counted in the budget.
-Sampling: DDIM 50 steps
-(Song et al. 2021, arXiv:2010.02502) of the EMA weights, through diffusion.sample.
-With --reference the tuned diffusers set-up of issue 7 trains under the same budget and is judged by
-the same classifier: UNet2DModel (32, 64, 64), 1 layer per block, no block attention (1,062,497
-parameters), DDPMScheduler cosine ("squaredcos_cap_v2"), v-prediction, min-SNR-5 via
-diffusers.training_utils.compute_snr, AdamW 2e-3, diffusers EMAModel with warm-up (as in diffusers'
-train_unconditional example), batches of 64, fp32; sampled by DDIMScheduler, 50 steps, "trailing" spacing.
-Scores (benchmarks/classifier_judge.py): mean classifier confidence, predicted-class histogram and
-classifier-FID against the 1,000 held-out digits, next to real training digits (the floor).
---clock cpu counts this process's CPU seconds instead of wall seconds, for a machine shared with others.
+This repo's side is exactly `train_MNIST.py --preset cpu --data DATA --max-minutes M --clock C` (the
+trainer of trainer.py; the command is printed and recorded) followed by `eval_MNIST.py --metrics
+classifier --num-samples N` on its last.pt (evaluation.evaluate): a 1.09M U-Net whose widths grow
+where the feature maps are small, v-prediction (Salimans & Ho 2022, arXiv:2202.00512), min-SNR-5
+(Hang et al. 2023, arXiv:2303.09556), batch 128, AdamW 2e-3 with a cosine decay that reaches 0 when
+the budget does, EMA 0.999 with warm-up, bf16 autocast; sampled with DDIM 50 steps (Song et al.
+2021, arXiv:2010.02502) from the EMA weights.
+With --reference, the tuned diffusers set-up trains under the same budget in the same process and
+is judged by the same code (evaluation.classifier_scores): UNet2DModel (32, 64, 64), 1 layer per
+block, no block attention (1,062,497 parameters), DDPMScheduler cosine ("squaredcos_cap_v2"),
+v-prediction, min-SNR-5 via diffusers.training_utils.compute_snr, AdamW 2e-3, diffusers EMAModel
+with warm-up (as in diffusers' train_unconditional example), batches of 64, fp32; sampled by
+DDIMScheduler, 50 steps, "trailing" spacing.
+Scores: classifier-FID, precision, recall, mean confidence and the predicted-class histogram against
+the test split, next to as many real training digits (the floor). --clock cpu counts this
+process's CPU seconds instead of wall seconds, for a machine shared with others.
 
 Example:
-    python benchmarks/time_to_digits.py --minutes 15 --reference --json runs/time_to_digits.json
+    python -m benchmarks.time_to_digits --minutes 15 --clock cpu --threads 1 --reference \\
+        --out-dir runs/ttd15 --json runs/ttd15/result.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.classifier_judge import ClassifierJudge, real_data_floor  # noqa: E402
-from benchmarks.reference_models import DIFFUSERS_TUNED, diffusers_unet  # noqa: E402
-from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
-from cli import (  # noqa: E402
-    OneLineErrorParser,
-    UserError,
-    add_compile_flags,
-    compile_unet,
-    int_tuple,
-    non_negative_int,
-    parse_with_unet_speed_flags,
-    positive_float,
-    positive_int,
-    resolve_device,
-    run_cli,
-    seed_everything,
-    writable_dir,
+from benchmarks.reference_models import DIFFUSERS_TUNED, diffusers_unet
+from checkpointing import build_model
+from cli import OneLineErrorParser, positive_float, positive_int, run_cli
+from data_sources import DATA_SETS, load_images
+from evaluation import classifier_comparison, classifier_scores, evaluate
+from messages import UserError
+from model import count_parameters
+from output_files import write_json
+from pictures import save_image_grid
+from runtime import resolve_device, seed_everything
+from settings import (
+    CLOCKS,
+    DataSettings,
+    EvaluationSettings,
+    RuntimeSettings,
+    SamplingSettings,
+    training_job_from_flags,
 )
-from data_sources import DATA_SETS, load_images  # noqa: E402
-from diffusion import PREDICTIONS, SAMPLERS, GaussianDiffusion  # noqa: E402
-from image_metrics import save_image_grid  # noqa: E402
-from mnist_classifier import default_classifier_path  # noqa: E402
-from model import count_parameters  # noqa: E402
-from training_state import WarmupEMA  # noqa: E402
+from trainer import CLOCK_READERS, SECONDS_PER_MINUTE, train
 
-SECONDS_PER_MINUTE = 60
 REFERENCE_LR = 2e-3
-REFERENCE_BATCH_SIZE = 64  # issue 7's set-up
+REFERENCE_BATCH_SIZE = 64
 REFERENCE_MIN_SNR_GAMMA = 5.0
 REFERENCE_EMA = {"decay": 0.9999, "use_ema_warmup": True, "inv_gamma": 1.0, "power": 0.75}
+SAMPLING_STEPS = 50
 GRID_IMAGES, GRID_COLUMNS = 100, 10
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-LR_SCHEDULES = ("cosine", "constant")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--minutes", type=positive_float, default=15.0, help="training budget per set-up")
-    add(
-        "--clock", choices=tuple(CLOCKS), default="wall", help="budget in wall seconds or process CPU seconds"
-    )
+    add("--clock", choices=CLOCKS, default="wall", help="budget in wall seconds or process CPU seconds")
     add("--data", choices=DATA_SETS, default="mnist-5k", help="training set; its test split is the reference")
-    add("--data-dir", default=None, help="folder of MNIST-format IDX files (overrides --data)")
-    add("--batch-size", type=positive_int, default=128, help="images per training step of ours")
-    add("--model-channels", type=positive_int, default=16, help="width of the first U-Net level")
-    add("--channel-mult", type=int_tuple, default="1,2,4,4", help="width of each level / model-channels")
-    add("--num-res-blocks", type=positive_int, default=1, help="residual blocks per level")
-    add("--attn-resolutions", type=int_tuple, default="4", help="feature-map sizes with self-attention")
-    add("--dropout", type=float, default=0.0, help="dropout in the residual blocks")
-    add("--prediction", choices=PREDICTIONS, default="v", help="what the network predicts")
-    add("--min-snr-gamma", type=positive_float, default=5.0, help="min-SNR loss weight gamma")
-    add("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate")
-    add("--warmup-steps", type=non_negative_int, default=100, help="linear LR warm-up steps")
-    add("--lr-schedule", choices=LR_SCHEDULES, default="cosine", help="LR after the warm-up, over the budget")
-    add("--ema-decay", type=float, default=0.999, help="EMA decay, reached after its warm-up")
-    add("--amp", choices=("bf16", "none"), default="bf16", help="autocast dtype of our training steps")
-    add_compile_flags(parser, "our U-Net's training forward (compiling counts against the budget)")
+    add(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile ours (in budget)",
+    )
     add("--reference", action=argparse.BooleanOptionalAction, default=False, help="also train diffusers")
-    add("--num-samples", type=positive_int, default=256, help="samples judged per set-up")
-    add("--sampler", choices=SAMPLERS, default="ddim", help="our sampler (the reference uses DDIM)")
-    add("--steps", type=positive_int, default=50, help="sampling steps")
-    add("--classifier", default=None, help="MNIST classifier weights (default: mnist_classifier.py's path)")
+    add("--num-samples", type=positive_int, default=1000, help="samples judged per set-up")
     add("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add("--seed", type=int, default=0, help="seed of weights, data order, noise and sampling")
-    add("--device", default="auto", help="auto | cpu | cuda")
-    add("--out-dir", default="runs/time_to_digits", help="sample grids and our checkpoint ours.pt")
+    add("--device", default="auto", help="auto | cpu | cuda[:N]")
+    add("--out-dir", default="runs/time_to_digits", help="ours/ (its checkpoints) and the sample grids")
     add("--json", default=None, help="also write the results to this JSON file")
-    return parse_with_unet_speed_flags(parser, argv)
+    return parser.parse_args(argv)
 
 
-# ----- one training loop, two set-ups ------------------------------------------------------------
+# ----- this repo: train_MNIST.py's trainer, then eval_MNIST.py's evaluation -----------------------
 
 
-def check_sampling_flags(args: argparse.Namespace) -> None:
-    """Refuse a sampler / step count pair before training rather than after it."""
-    diffusion = GaussianDiffusion(prediction=args.prediction)
-    try:
-        diffusion.timesteps(args.sampler, args.steps, diffusion.T - 1)
-    except ValueError as error:
-        raise UserError(f"--sampler {args.sampler} --steps {args.steps}: {error}") from None
+def ours_flags(args: argparse.Namespace, out_dir: Path) -> list[str]:
+    """The train_MNIST.py command line of our side."""
+    flags = [
+        "--preset",
+        "cpu",
+        "--data",
+        args.data,
+        "--max-minutes",
+        f"{args.minutes:g}",
+        "--clock",
+        args.clock,
+    ]
+    flags += ["--seed", str(args.seed), "--device", args.device, "--out-dir", str(out_dir)]
+    return flags + (["--compile", "on"] if args.compile else [])
+
+
+def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
+    """Train through the trainer and evaluate through evaluation.evaluate; returns its row and floor."""
+    flags = ours_flags(args, out_dir / "ours")
+    print("ours: train_MNIST.py " + " ".join(flags))
+    result = train(training_job_from_flags(flags))
+    checkpoint = out_dir / "ours" / "last.pt"
+    settings = EvaluationSettings(
+        checkpoint=str(checkpoint),
+        num_samples=args.num_samples,
+        seed=args.seed,
+        metrics=("classifier",),
+        json=str(out_dir / "ours_eval.json"),
+    )
+    command = f"eval_MNIST.py --checkpoint {checkpoint} --num-samples {args.num_samples} --metrics classifier"
+    report = evaluate(
+        settings, SamplingSettings(), RuntimeSettings(device=args.device), DataSettings(None), command
+    )
+    return {
+        "train_command": "train_MNIST.py " + " ".join(flags),
+        "eval_command": command,
+        "steps": result.step,
+        "parameters": count_parameters(build_model(report["provenance"]["checkpoint"]["config"])),
+        **report["metrics"]["generated"]["classifier"],
+        "floor": report["metrics"]["floor"]["classifier"],
+        "samples_png": report["outputs"]["samples_png"],
+    }
+
+
+# ----- the reference: diffusers, its own loop -----------------------------------------------------
 
 
 def train_for(budget_s: float, clock: str, images: torch.Tensor, batch_size: int, seed: int, step_fn) -> dict:
-    """Call step_fn(batch, step, budget_fraction) on shuffled batches until budget_s seconds of the
-    clock have passed; step counts from 0, budget_fraction in [0, 1) is the part of the budget spent."""
+    """Call step_fn(batch) on shuffled batches until budget_s seconds of the clock have passed."""
     generator = torch.Generator().manual_seed(seed)
-    now, steps, loss = CLOCKS[clock], 0, float("nan")
+    now, steps, loss = CLOCK_READERS[clock], 0, float("nan")
     start = now()
-    with tqdm(total=round(budget_s), unit="s", desc="training") as progress:
+    with tqdm(total=round(budget_s), unit="s", desc="reference training") as progress:
         while now() - start < budget_s:
             for batch in torch.randperm(len(images), generator=generator).split(batch_size):
                 if len(batch) < batch_size or now() - start >= budget_s:
                     break
-                loss = step_fn(images[batch], steps, (now() - start) / budget_s)
+                loss = step_fn(images[batch])
                 steps += 1
                 progress.set_postfix(steps=steps, loss=f"{loss:.4f}", refresh=False)
-                progress.update(min(round(now() - start), progress.total) - progress.n)  # redraws <= 10/s
-    return {
-        "steps": steps,
-        "batch_size": batch_size,
-        "images_seen": steps * batch_size,
-        "train_seconds": now() - start,
-    }
-
-
-def lr_factor(step: int, warmup_steps: int, budget_fraction: float, schedule: str) -> float:
-    """LR multiplier: linear warm-up over steps, then 1 (constant) or a cosine that reaches 0 when the
-    time budget does (train_MNIST.lr_factor's decay, over time instead of steps)."""
-    warmup = min(1.0, (step + 1) / max(1, warmup_steps))
-    if schedule == "constant":
-        return warmup
-    return warmup * 0.5 * (1 + math.cos(math.pi * budget_fraction))
-
-
-def train_ours(args: argparse.Namespace, images: torch.Tensor, device: torch.device):
-    """This repo's set-up; saves out-dir/ours.pt and returns (EMA U-Net, diffusion, training stats)."""
-    model_config = {
-        "in_channels": 1,
-        "model_channels": args.model_channels,
-        "channel_mult": args.channel_mult,
-        "num_res_blocks": args.num_res_blocks,
-        "attention_resolutions": args.attn_resolutions,
-        "dropout": args.dropout,
-        "num_classes": None,
-    }
-    model = build_model({"model": model_config}).to(device)
-    diffusion = GaussianDiffusion(prediction=args.prediction).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    ema = WarmupEMA(model, args.ema_decay)
-    network = compile_unet(model, args.compile_mode) if args.compile else model
-    autocast = torch.autocast(device.type, torch.bfloat16) if args.amp == "bf16" else nullcontext()
-
-    def step(x0: torch.Tensor, step_index: int, budget_fraction: float) -> float:
-        factor = lr_factor(step_index, args.warmup_steps, budget_fraction, args.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * factor
-        with autocast:
-            loss = diffusion.training_loss(network, x0, min_snr_gamma=args.min_snr_gamma)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema.update()
-        return loss.item()
-
-    stats = train_for(args.minutes * SECONDS_PER_MINUTE, args.clock, images, args.batch_size, args.seed, step)
-    config = {"model": model_config, "diffusion": diffusion.config(), "data": args.data}
-    checkpoint = {
-        "version": CHECKPOINT_VERSION,
-        "config": config,
-        "model": model.state_dict(),
-        "ema": ema.module.state_dict(),
-        "epoch": 0,
-        "step": stats["steps"],
-    }
-    save_checkpoint(checkpoint, Path(args.out_dir) / "ours.pt")
-    return ema.module.eval(), diffusion, {**stats, "parameters": count_parameters(model)}
+                progress.update(min(round(now() - start), progress.total) - progress.n)
+    return {"steps": steps, "batch_size": batch_size, "train_seconds": now() - start}
 
 
 def train_reference(args: argparse.Namespace, images: torch.Tensor, device: torch.device):
-    """The tuned diffusers set-up of issue 7; returns (EMA-weighted denoiser, DDPM scheduler, stats)."""
+    """The tuned diffusers set-up; returns (EMA-weighted denoiser, DDPM scheduler, stats)."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel, compute_snr
 
@@ -209,15 +161,14 @@ def train_reference(args: argparse.Namespace, images: torch.Tensor, device: torc
     ema = EMAModel(denoiser.parameters(), **REFERENCE_EMA)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
-    def step(x0: torch.Tensor, step_index: int, budget_fraction: float) -> float:  # constant LR (issue 7)
+    def step(x0: torch.Tensor) -> float:  # constant LR
         noise = torch.randn(x0.shape, generator=generator, device=device)
         t = torch.randint(
             0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device=device
         )
         prediction = denoiser(scheduler.add_noise(x0, noise, t), t)
-        per_example = F.mse_loss(prediction, scheduler.get_velocity(x0, noise, t), reduction="none").mean(
-            (1, 2, 3)
-        )
+        target = scheduler.get_velocity(x0, noise, t)
+        per_example = F.mse_loss(prediction, target, reduction="none").mean((1, 2, 3))
         snr = compute_snr(scheduler, t)
         loss = (
             per_example * snr.clamp(max=REFERENCE_MIN_SNR_GAMMA) / (snr + 1)
@@ -228,26 +179,11 @@ def train_reference(args: argparse.Namespace, images: torch.Tensor, device: torc
         ema.step(denoiser.parameters())
         return loss.item()
 
-    budget_s = args.minutes * SECONDS_PER_MINUTE
-    stats = train_for(budget_s, args.clock, images, REFERENCE_BATCH_SIZE, args.seed, step)
+    stats = train_for(
+        args.minutes * SECONDS_PER_MINUTE, args.clock, images, REFERENCE_BATCH_SIZE, args.seed, step
+    )
     ema.copy_to(denoiser.parameters())
     return denoiser.eval(), scheduler, {**stats, "parameters": count_parameters(denoiser)}
-
-
-# ----- sampling -----------------------------------------------------------------------------------
-
-
-def timed(sample: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    images = sample()
-    return images.cpu(), time.perf_counter() - start
-
-
-def sample_ours(model, diffusion: GaussianDiffusion, args, device) -> torch.Tensor:
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    return diffusion.sample(
-        model, args.num_samples, sampler=args.sampler, steps=args.steps, generator=generator
-    )
 
 
 @torch.no_grad()
@@ -256,12 +192,24 @@ def sample_reference(denoiser, ddpm_scheduler, args, device) -> torch.Tensor:
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(ddpm_scheduler.config, timestep_spacing="trailing")
-    scheduler.set_timesteps(args.steps)
+    scheduler.set_timesteps(SAMPLING_STEPS)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.randn((args.num_samples, 1, 28, 28), generator=generator, device=device)
     for t in tqdm(scheduler.timesteps, desc="reference DDIM", leave=False):
         x = scheduler.step(denoiser(x, t.expand(len(x)).to(device)), t, x).prev_sample
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1).cpu()
+
+
+def run_reference(args: argparse.Namespace, out_dir: Path, device: torch.device) -> dict:
+    seed_everything(args.seed)
+    train_images, _ = load_images(args.data, "train")
+    denoiser, scheduler, stats = train_reference(args, train_images.to(device), device)
+    start = time.perf_counter()
+    samples = sample_reference(denoiser, scheduler, args, device)
+    seconds = time.perf_counter() - start
+    save_image_grid(samples[:GRID_IMAGES], out_dir / "diffusers_tuned.png", columns=GRID_COLUMNS)
+    comparison = classifier_comparison(args.data, None, EvaluationSettings().batch_size, args.seed, device)
+    return {**stats, "sample_seconds": seconds, **classifier_scores(samples, comparison)}
 
 
 # ----- report -------------------------------------------------------------------------------------
@@ -269,20 +217,17 @@ def sample_reference(denoiser, ddpm_scheduler, args, device) -> torch.Tensor:
 
 def print_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
     print(
-        f"\n{args.minutes:g} {args.clock}-clock minutes of training each,"
-        f" {args.num_samples} samples, {args.steps} steps"
+        f"\n{args.minutes:g} {args.clock}-clock minutes of training each, {args.num_samples} samples, "
+        f"DDIM {SAMPLING_STEPS} steps"
     )
     print(
-        f"{'set-up':<20}{'params':>11}{'batch':>6}{'steps':>7}{'sample s':>10}"
-        f"{'mean conf':>11}{'min class':>11}{'cFID':>8}"
+        f"{'set-up':<20}{'steps':>7}{'confidence':>11}{'min class':>10}{'precision':>10}"
+        f"{'recall':>8}{'cFID':>8}"
     )
     for name, row in rows.items():
-        params = f"{row['parameters']:,}" if "parameters" in row else "-"
-        steps, batch = str(row.get("steps", "-")), str(row.get("batch_size", "-"))
-        sample_s = f"{row['sample_seconds']:.0f}" if "sample_seconds" in row else "-"
         print(
-            f"{name:<20}{params:>11}{batch:>6}{steps:>7}{sample_s:>10}{row['mean_confidence']:>11.3f}"
-            f"{min(row['class_fractions']):>11.1%}{row['classifier_fid']:>8.2f}"
+            f"{name:<20}{row.get('steps', '-'):>7}{row['mean_confidence']:>11.3f}"
+            f"{min(row['class_fractions']):>10.1%}{row['precision']:>10.3f}{row['recall']:>8.3f}{row['fid']:>8.2f}"
         )
     print("\npredicted-class histogram (% of samples, digits 0-9)")
     for name, row in rows.items():
@@ -291,39 +236,19 @@ def print_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_sampling_flags(args)
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    out_dir = writable_dir(args.out_dir)
-    train_images, _ = load_images(args.data, "train", args.data_dir)
-    test_images, _ = load_images(args.data, "test", args.data_dir)
-    needed = max(args.batch_size, REFERENCE_BATCH_SIZE) if args.reference else args.batch_size
-    if needed > len(train_images):  # a smaller set would never fill a batch: no step in the budget
-        raise UserError(f"a batch of {needed} exceeds the {len(train_images)} training images")
-    judge = ClassifierJudge.load(
-        args.classifier or default_classifier_path(args.data, args.data_dir), test_images
-    )
-    rows = {"real train digits": real_data_floor(judge, train_images, args.num_samples, args.seed)}
-
-    model, diffusion, stats = train_ours(args, train_images.to(device), device)
-    samples, seconds = timed(lambda: sample_ours(model, diffusion, args, device))
-    rows["ours"] = {**stats, "sample_seconds": seconds, **judge.score(samples)}
-    save_image_grid(samples[:GRID_IMAGES], out_dir / "ours.png", columns=GRID_COLUMNS)
+    out_dir = Path(args.out_dir)
+    if (out_dir / "ours").exists():
+        raise UserError(f"{out_dir / 'ours'} exists: give this run another --out-dir")
+    ours = run_ours(args, out_dir)
+    rows = {"real train digits": ours.pop("floor"), "ours": ours}
     if args.reference:
-        seed_everything(args.seed)
-        denoiser, scheduler, stats = train_reference(args, train_images.to(device), device)
-        samples, seconds = timed(lambda: sample_reference(denoiser, scheduler, args, device))
-        rows["diffusers tuned"] = {**stats, "sample_seconds": seconds, **judge.score(samples)}
-        save_image_grid(samples[:GRID_IMAGES], out_dir / "diffusers_tuned.png", columns=GRID_COLUMNS)
-
+        rows["diffusers tuned"] = run_reference(args, out_dir, device)
     print_table(rows, args)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps({"args": vars(args), "torch": torch.__version__, "results": rows}, indent=2)
-        )
+        write_json({"args": vars(args), "torch": torch.__version__, "results": rows}, args.json)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 # Tiny models gain nothing from more threads, and on a busy 2-core machine a second thread per
@@ -13,7 +12,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
@@ -30,6 +28,16 @@ TINY_MODEL_CONFIG = {
     "num_classes": None,
 }
 TINY_TRAINING_STEPS = 200
+TINY_UNET_FLAGS = [
+    "--model-channels",
+    "8",
+    "--channel-mult",
+    "1,2",
+    "--num-res-blocks",
+    "1",
+    "--attn-resolutions",
+    "",
+]
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +51,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = {
         "model": dict(TINY_MODEL_CONFIG),
+        "image_shape": [1, 28, 28],
         "diffusion": {"T": 100, "schedule": "cosine", "prediction": "eps"},
         "data": "mnist-5k",
     }

@@ -212,13 +212,22 @@ def propagate_deterministic(alpha_bar: np.ndarray, steps: list[int], mu: float, 
 
 
 MU, SIGMA = 0.1, 0.2
+MNIST_SHAPE = (1, 28, 28)
 N_SAMPLES = 64  # x 784 pixels = 50k independent draws
 
 
 def sample_moments(diffusion, sampler, steps):
     oracle = GaussianOracle(diffusion, MU, SIGMA)
     generator = torch.Generator().manual_seed(0)
-    x = diffusion.sample(oracle, N_SAMPLES, sampler=sampler, steps=steps, generator=generator, clip_x0=False)
+    x = diffusion.sample(
+        oracle,
+        N_SAMPLES,
+        sampler=sampler,
+        steps=steps,
+        generator=generator,
+        clip_x0=False,
+        image_shape=MNIST_SHAPE,
+    )
     return x.double().mean().item(), x.double().std().item(), x.numel()
 
 
@@ -322,7 +331,7 @@ def test_reverse_step_at_t0_returns_the_x0_prediction_without_noise():
 def test_sample_progressive_yields_each_step_then_the_result():
     diffusion = GaussianDiffusion(T=100)
     oracle = GaussianOracle(diffusion, MU, SIGMA)
-    steps = list(diffusion.sample_progressive(oracle, 2, sampler="ddim", steps=5))
+    steps = list(diffusion.sample_progressive(oracle, 2, sampler="ddim", steps=5, image_shape=MNIST_SHAPE))
     assert [step.t for step in steps] == [99, 74, 50, 25, 0, -1]
     assert all(isinstance(step, SamplerStep) and step.x_t.shape == (2, 1, 28, 28) for step in steps)
     torch.testing.assert_close(steps[-1].x_t, steps[-2].pred_x0)
@@ -341,9 +350,12 @@ def test_reconstruct_starts_from_noised_images_at_t():
 def test_sampling_is_reproducible_with_a_generator():
     diffusion = GaussianDiffusion(T=50)
     oracle = GaussianOracle(diffusion, MU, SIGMA)
-    runs = [diffusion.sample(oracle, 2, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [
+        diffusion.sample(oracle, 2, generator=torch.Generator().manual_seed(7), image_shape=MNIST_SHAPE)
+        for _ in range(2)
+    ]
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
-    other = diffusion.sample(oracle, 2, generator=torch.Generator().manual_seed(8))
+    other = diffusion.sample(oracle, 2, generator=torch.Generator().manual_seed(8), image_shape=MNIST_SHAPE)
     assert not torch.equal(runs[0], other)
 
 

@@ -2,7 +2,7 @@
 
 One evaluation run (module fixture) with a classifier trained for one epoch by mnist_classifier's
 own entry point, baselines, and an Inception weights file that does not exist, feeds the report
-tests; the torch-fidelity tests call eval_MNIST's functions directly on 200 real images.
+tests; the torch-fidelity tests call feature_metrics' functions directly on 200 real images.
 """
 
 from __future__ import annotations
@@ -21,12 +21,18 @@ from PIL import Image
 from torch_fidelity import feature_extractor_inceptionv3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+import classifier
 import eval_MNIST
+import evaluation as evaluation_module
+import feature_metrics
 import image_metrics
 import mnist_classifier
+import sampling
 from checkpointing import CHECKPOINT_VERSION, build_model, load_for_inference, save_checkpoint
 from cli import run_cli
 from data_sources import load_images, write_idx
+from provenance import sha256_of_file
+from settings import SamplingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 40
@@ -114,10 +120,17 @@ def real_images() -> dict[str, torch.Tensor]:
 
 
 def classifier_comparison(classifier_path: Path, reference: torch.Tensor, cache_dir: Path):
-    extractor, _ = eval_MNIST.classifier_extractor(classifier_path, "mnist-5k", None)
-    args = eval_MNIST.parse_args(["--cache-dir", str(cache_dir), "--device", "cpu"])
-    reference_set = eval_MNIST.real_set(reference, "mnist-5k", "test")
-    return extractor, eval_MNIST.Comparison(reference_set, [extractor], args, torch.device("cpu"))
+    extractor, _ = feature_metrics.classifier_extractor(classifier_path, "mnist-5k")
+    reference_set = feature_metrics.real_set(reference, "mnist-5k", "test")
+    comparison = feature_metrics.Comparison(
+        reference_set,
+        [extractor],
+        batch_size=250,
+        seed=0,
+        device=torch.device("cpu"),
+        cache_dir=str(cache_dir),
+    )
+    return extractor, comparison
 
 
 # ----- torch-fidelity with the classifier --------------------------------------------------------
@@ -125,16 +138,17 @@ def classifier_comparison(classifier_path: Path, reference: torch.Tensor, cache_
 
 def test_fid_of_a_set_against_itself_is_zero(classifier_path, real_images, tmp_path):
     extractor, comparison = classifier_comparison(classifier_path, real_images["test"], tmp_path)
-    same = eval_MNIST.ImageSet(image_metrics.to_uint8(real_images["test"]))
-    metrics = eval_MNIST.fidelity_metrics(same, extractor, comparison)
+    same = feature_metrics.ImageSet(image_metrics.to_uint8(real_images["test"]))
+    metrics = feature_metrics.fidelity_metrics(same, extractor, comparison)
     assert abs(metrics["fid"]) < SELF_FID_TOLERANCE
 
 
 def test_fid_of_train_images_is_far_below_noise(classifier_path, real_images, tmp_path):
     extractor, comparison = classifier_comparison(classifier_path, real_images["test"], tmp_path)
-    sets = eval_MNIST.baseline_sets(real_images["train"], NUM_REAL, "mnist-5k", seed=0)
-    floor = eval_MNIST.fidelity_metrics(sets["train_vs_test"], extractor, comparison)
-    ceiling = eval_MNIST.fidelity_metrics(sets["noise_vs_test"], extractor, comparison)
+    floor_set = feature_metrics.floor_set(real_images["train"], NUM_REAL, "mnist-5k", seed=0)
+    noise_set = feature_metrics.noise_set(NUM_REAL, (1, 28, 28), seed=0)
+    floor = feature_metrics.fidelity_metrics(floor_set, extractor, comparison)
+    ceiling = feature_metrics.fidelity_metrics(noise_set, extractor, comparison)
     assert 0 < floor["fid"] < ceiling["fid"] / 4
     assert floor["kid_mean"] < ceiling["kid_mean"]
     assert floor["is_mean"] > ceiling["is_mean"]  # real digits are confidently classified, noise is not
@@ -145,22 +159,22 @@ def test_classifier_is_registered_used_by_torch_fidelity_and_reference_cached(
 ):
     """torch-fidelity builds the registered extractor; the second run reads the reference from its cache."""
     seen = []
-    forward = mnist_classifier.ClassifierFeatureExtractor.forward
+    forward = classifier.ClassifierFeatureExtractor.forward
 
     def counting_forward(self, x):
         seen.append(len(x))
         return forward(self, x)
 
-    monkeypatch.setattr(mnist_classifier.ClassifierFeatureExtractor, "forward", counting_forward)
+    monkeypatch.setattr(classifier.ClassifierFeatureExtractor, "forward", counting_forward)
     extractor, comparison = classifier_comparison(classifier_path, real_images["test"], tmp_path)
-    assert FEATURE_EXTRACTORS_REGISTRY[extractor.name] is mnist_classifier.ClassifierFeatureExtractor
-    candidate = eval_MNIST.ImageSet(image_metrics.to_uint8(real_images["train"][:50]))
+    assert FEATURE_EXTRACTORS_REGISTRY[extractor.name] is classifier.ClassifierFeatureExtractor
+    candidate = feature_metrics.ImageSet(image_metrics.to_uint8(real_images["train"][:50]))
 
-    first = eval_MNIST.fidelity_metrics(candidate, extractor, comparison)
+    first = feature_metrics.fidelity_metrics(candidate, extractor, comparison)
     assert sum(seen) == 50 + NUM_REAL
     assert any(tmp_path.glob(f"*{extractor.sha256[:12]}-mnist-classifier-stat-fid-128.pt"))
     seen.clear()
-    second = eval_MNIST.fidelity_metrics(candidate, extractor, comparison)
+    second = feature_metrics.fidelity_metrics(candidate, extractor, comparison)
     assert sum(seen) == 50  # only the candidate: reference features and statistics came from the cache
     assert second == first
 
@@ -205,37 +219,34 @@ def test_report_has_every_key(evaluation):
     }
     assert {"device", "command"} <= set(provenance)
     metrics = report["metrics"]
-    assert set(metrics) == {"generated", "baselines", "cas", "reconstruction"}
+    assert set(metrics) == {"generated", "floor", "ceiling", "cas", "reconstruction"}
     assert metrics["cas"] is None  # the tiny model is unconditional
-    assert set(metrics["baselines"]) == {"train_vs_test", "noise_vs_test"}
-    for values in [metrics["generated"], *metrics["baselines"].values()]:
+    for values in [metrics["generated"], metrics["floor"], metrics["ceiling"]]:
         assert set(values) == {"classifier"}
         assert set(values["classifier"]) == {
-            "fid",
-            "is_mean",
-            "is_std",
-            "kid_mean",
-            "kid_std",
-            "kid_subset_size",
-            "num_images",
-            "num_reference",
-        }
+            "fid", "is_mean", "is_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall",
+            "num_images", "num_reference", "mean_confidence", "class_fractions",
+        }  # fmt: skip
+        fractions = values["classifier"].pop("class_fractions")
+        assert len(fractions) == 10 and sum(fractions) == pytest.approx(1.0)
         assert all(math.isfinite(value) for value in values["classifier"].values())
     assert set(metrics["reconstruction"]) == {"num_images", "scale", "per_t"}
     assert set(metrics["reconstruction"]["scale"]) == {"mse", "psnr", "ssim"}
 
 
-def test_kid_subset_size_adapts_to_few_samples(evaluation):
+def test_kid_subsets_are_smaller_than_the_sets(evaluation):
+    """With 40 samples, KID's subsets hold half of them, so its spread is over subsets that differ."""
     generated = evaluation["report"]["metrics"]["generated"]["classifier"]
-    assert generated["kid_subset_size"] == NUM_SAMPLES < eval_MNIST.KID_SUBSET_SIZE
+    assert generated["kid_subset_size"] == NUM_SAMPLES // 2 < feature_metrics.KID_SUBSET_SIZE
+    assert generated["kid_std"] > 0
 
 
 def test_baselines_bracket_the_generated_samples(evaluation):
     metrics = evaluation["report"]["metrics"]
-    floor = metrics["baselines"]["train_vs_test"]["classifier"]["fid"]
-    ceiling = metrics["baselines"]["noise_vs_test"]["classifier"]["fid"]
+    floor = metrics["floor"]["classifier"]["fid"]
+    ceiling = metrics["ceiling"]["classifier"]["fid"]
     assert floor < ceiling
-    assert metrics["baselines"]["train_vs_test"]["classifier"]["num_images"] == NUM_SAMPLES
+    assert metrics["floor"]["classifier"]["num_images"] == NUM_SAMPLES
 
 
 def test_reconstruction_from_small_t_beats_the_pure_noise_end(evaluation):
@@ -259,15 +270,16 @@ def test_missing_inception_weights_say_one_line_and_classifier_metrics_still_run
 def test_sample_grid_is_written_beside_the_json(evaluation):
     grid = evaluation["folder"] / "report_samples.png"
     assert evaluation["report"]["outputs"]["samples_png"] == str(grid)
-    rows = NUM_SAMPLES // eval_MNIST.GRID_COLUMNS
+    rows = NUM_SAMPLES // evaluation_module.GRID_COLUMNS
     assert Image.open(grid).size == (2 * (10 * 30 + 2), 2 * (rows * 30 + 2))  # 28 px + 2 px padding, x2
 
 
 def test_sampling_is_reproducible_with_the_seed(tiny_checkpoint):
     model, diffusion, _ = load_for_inference(tiny_checkpoint, torch.device("cpu"))
-    args = eval_MNIST.parse_args(["--num-samples", "3", "--steps", "2", "--batch-size", "2"])
-    first, labels = eval_MNIST.generate_samples(model, diffusion, args, torch.device("cpu"))
-    second, _ = eval_MNIST.generate_samples(model, diffusion, args, torch.device("cpu"))
+    options = {"sampling": SamplingSettings(steps=2), "image_shape": (1, 28, 28), "seed": 0,
+               "device": torch.device("cpu"), "batch_size": 2}  # fmt: skip
+    first, labels = sampling.generate_samples(model, diffusion, 3, **options)
+    second, _ = sampling.generate_samples(model, diffusion, 3, **options)
     assert first.shape == (3, 1, 28, 28) and labels is None
     assert torch.equal(first, second)
 
@@ -279,8 +291,10 @@ def test_amp_flag_sets_the_unet_dtype_and_the_chain_stays_float32(tiny_checkpoin
     model, diffusion, _ = load_for_inference(tiny_checkpoint, torch.device("cpu"))
     output_dtypes = set()
     model.register_forward_hook(lambda module, inputs, output: output_dtypes.add(output.dtype))
-    args = eval_MNIST.parse_args(["--num-samples", "4", "--steps", "3", "--batch-size", "4", "--amp", amp])
-    samples, _ = eval_MNIST.generate_samples(model, diffusion, args, torch.device("cpu"))
+    samples, _ = sampling.generate_samples(
+        model, diffusion, 4, sampling=SamplingSettings(steps=3), image_shape=(1, 28, 28), seed=0,
+        device=torch.device("cpu"), amp=amp, batch_size=4,
+    )  # fmt: skip
     assert output_dtypes == {network_dtype}
     assert samples.dtype == torch.float32 and torch.isfinite(samples).all()
     assert samples.abs().max() <= 1
@@ -304,7 +318,7 @@ def test_evaluation_runs_with_a_compiled_unet(tiny_checkpoint, classifier_path, 
     """--compile hands the rest of eval_MNIST a wrapper without a truth value: it must never be
     tested with `if model` (that raised TypeError once). The wrapper here is torch.compile's stand-in,
     since compiling itself takes a minute on a CPU."""
-    monkeypatch.setattr(eval_MNIST, "inference_unet", lambda model, args: LikeCompiled(model))
+    monkeypatch.setattr(evaluation_module, "prepare_unet", lambda model, plan: LikeCompiled(model))
     json_path = tmp_path / "report.json"
     argv = ["--checkpoint", str(tiny_checkpoint), "--num-samples", "4", "--steps", "2",
             "--metrics", "classifier", "--classifier", str(classifier_path), "--json", str(json_path),
@@ -351,20 +365,19 @@ def test_conditional_model_gets_cas_and_a_grid_row_per_class(tmp_path, tiny_chec
 
 
 def test_default_reconstruction_timesteps_follow_T():
-    assert eval_MNIST.recon_timesteps(None, 1000) == [50, 100, 250, 500, 750, 999]
-    assert eval_MNIST.recon_timesteps(None, 100) == [50, 99]
-    assert eval_MNIST.recon_timesteps((0, 7), 100) == [0, 7]
+    assert sampling.sweep_timesteps(None, 1000) == [50, 100, 250, 500, 750, 999]
+    assert sampling.sweep_timesteps(None, 100) == [50, 99]
+    assert sampling.sweep_timesteps((0, 7), 100) == [0, 7]
 
 
 BAD_INPUTS = {  # case: (arguments, what the one error line must say)
-    "no checkpoint in checkpoints/": ([], "no checkpoint in checkpoints/"),
     "missing checkpoint": (["--checkpoint", "{tmp}/missing.pt"], "no checkpoint file at"),
     "corrupt checkpoint": (["--checkpoint", "{tmp}/corrupt.pt"], "not a readable checkpoint"),
     "truncated checkpoint": (["--checkpoint", "{tmp}/truncated.pt"], "not a readable checkpoint"),
-    "steps 0": (["--checkpoint", "{tiny}", "--steps", "0"], "--steps must be in [1, 100]"),
+    "steps 0": (["--checkpoint", "{tiny}", "--steps", "0"], "argument --steps: must be a positive integer"),
     "steps above T": (["--checkpoint", "{tiny}", "--steps", "101"], "--steps must be in [1, 100]"),
-    "t above T-1": (["--checkpoint", "{tiny}", "--recon-t", "5,100"], "--recon-t values must be in [0, 99]"),
-    "negative t": (["--checkpoint", "{tiny}", "--recon-t=-1"], "--recon-t values must be in [0, 99]"),
+    "t above T-1": (["--checkpoint", "{tiny}", "--recon-t", "5,100"], "--recon-t must be in [0, 99]"),
+    "negative t": (["--checkpoint", "{tiny}", "--recon-t=-1"], "--recon-t must be in [0, 99]"),
     "unwritable output": (
         ["--checkpoint", "{tiny}", "--json", "{tmp}/a_file/r.json"],
         "cannot create output",
@@ -408,23 +421,26 @@ def test_command_line_error_is_one_line(tmp_path):
 
 
 def test_classifier_file_round_trips_and_default_paths_do_not_collide(classifier_path, real_images):
-    model, info = mnist_classifier.load_classifier(classifier_path)
+    model, info = classifier.load_classifier(classifier_path)
     assert info["format"] == "mnist-classifier" and info["data"] == "mnist-5k" and info["epochs"] == 1
     assert 0.1 < info["test_accuracy"] <= 1
     logits = model(real_images["test"][:4])
     features = model.features(real_images["test"][:4])
-    assert logits.shape == (4, 10) and features.shape == (4, mnist_classifier.FEATURE_DIM)
-    paths = {
-        mnist_classifier.default_classifier_path(name, None)
-        for name in ("mnist", "mnist-5k", "fashion-mnist")
+    assert logits.shape == (4, 10) and features.shape == (4, classifier.FEATURE_DIM)
+    for name in ("mnist", "mnist-5k"):  # the shipped one, so that everyone's classifier-FID agrees
+        assert classifier.default_classifier_path(name, None) == classifier.SHIPPED_CLASSIFIER
+    others = {
+        classifier.default_classifier_path("fashion-mnist", None),
+        classifier.default_classifier_path("mnist", "data/a"),
+        classifier.default_classifier_path("mnist", "data/b"),
     }
-    assert len(paths) == 3
+    assert len(others) == 3 and classifier.SHIPPED_CLASSIFIER not in others
 
 
 def test_corrupt_classifier_file_is_a_user_error(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(mnist_classifier.ClassifierError, match="not a readable classifier file"):
-        mnist_classifier.load_classifier(tmp_path / "bad.pt")
+    with pytest.raises(classifier.ClassifierError, match="not a readable classifier file"):
+        classifier.load_classifier(tmp_path / "bad.pt")
 
 
 # ----- Inception, with stand-in weights ----------------------------------------------------------
@@ -484,9 +500,7 @@ def test_inception_metrics_go_through_torch_fidelity_with_local_weights(
     )
     report = json.loads((tmp_path / "r.json").read_text())
     inception = report["provenance"]["feature_extractors"]["inception"]
-    assert inception["used"] and inception["weights_sha256"] == eval_MNIST.sha256_of_file(
-        random_inception_weights
-    )
+    assert inception["used"] and inception["weights_sha256"] == sha256_of_file(random_inception_weights)
     assert report["provenance"]["data"] == report["provenance"]["data"] | {
         "name": "idx-idx",
         "num_reference": 20,

@@ -1,0 +1,369 @@
+"""Evaluation of a checkpoint: sample, then FID / IS / KID / precision / recall next to the real-data
+floor, CAS, and reconstruction scores, with the provenance of every number.
+
+Generative metrics go through feature_metrics.py (torch-fidelity) against the test split of the
+checkpoint's data, with the classifier of classifier.py (always: the shipped one for MNIST, else
+trained once) and InceptionV3 (when its weights are there). The floor (as many real training images
+as samples, at most the whole split) is in every report; `baselines` adds the ceiling (uniform
+noise). CAS (Ravuri & Vinyals 2019, arXiv:1905.10887) trains the classifier on the samples of a
+class-conditional model and tests it on real test images. Reconstruction noises test images to t
+with q(x_t | x_0) and denoises them back (sampling.reconstruction_sweep).
+
+Example:
+    report = evaluate(EvaluationSettings(num_samples=1000), SamplingSettings(), RuntimeSettings(),
+                      DataSettings(data=None), command="eval_MNIST.py --num-samples 1000")
+    print(format_report(report))
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint, weights_used
+from classifier import accuracy, data_label, ensure_classifier, judge, load_classifier, train_classifier
+from data_sources import load_images, to_model_range
+from diffusion import GaussianDiffusion
+from feature_metrics import (
+    Comparison,
+    ImageSet,
+    classifier_extractor,
+    floor_set,
+    inception_extractor,
+    metrics_per_extractor,
+    noise_set,
+    real_set,
+)
+from image_metrics import to_uint8
+from messages import UserError, note
+from output_files import OutputError, writable_dir, write_json
+from pictures import save_image_grid
+from provenance import hardware, library_versions, sha256_of_file, sha256_of_tensor
+from runtime import SpeedPlan, configure_fast_path, plan_speed, prepare_unet, resolve_device, seed_everything
+from sampling import check_sampling, generate_samples, reconstruction_sweep, sweep_timesteps
+from settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+
+GRID_COLUMNS = 10
+GRID_ROWS_UNCONDITIONAL = 10
+COLUMN_TITLES = {"generated": "generated", "floor": "train (floor)", "ceiling": "noise (ceiling)"}
+TABLE_ROWS = (("fid", "FID"), ("is", "IS"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
+SCALES = {
+    "mse": "mean squared error per image on [0, 1] pixels (0 = identical, 1 = opposite)",
+    "psnr": "dB, 10 log10(1 / MSE) with peak 1 on [0, 1] pixels (higher is better)",
+    "ssim": "skimage structural_similarity on [0, 1] images, data_range=1, channels averaged (1 = identical)",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to sample: the U-Net (as the speed plan runs it), its diffusion, and facts."""
+
+    network: torch.nn.Module
+    diffusion: GaussianDiffusion
+    image_shape: tuple[int, int, int]
+    num_classes: int | None
+    provenance: dict[str, Any]
+    data: tuple[str, str | None]
+
+
+def load_model(
+    settings: EvaluationSettings, sampling: SamplingSettings, plan: SpeedPlan, device: torch.device
+) -> LoadedModel:
+    """The checkpoint's model (EMA weights unless told otherwise), checked against the sampling flags."""
+    path = resolve_checkpoint(settings.checkpoint)
+    model, diffusion, checkpoint = load_for_inference(path, device, use_ema=settings.ema)
+    weights = weights_used(checkpoint, settings.ema)
+    if weights != ("ema" if settings.ema else "model"):
+        note(f"{path} has only its {weights} weights; evaluating them")
+    check_sampling(diffusion, sampling, model.num_classes)
+    minimum = max(2, model.num_classes or 0)
+    if settings.num_samples < minimum:
+        raise UserError(
+            f"--num-samples must be at least {minimum} (FID needs a covariance, CAS one sample per class)"
+        )
+    if "recon" in settings.metrics:
+        sweep_timesteps(settings.recon_t, diffusion.T)  # a bad --recon-t fails before any sampling
+    provenance = {
+        "path": str(path),
+        "sha256": sha256_of_file(path),
+        "epoch": checkpoint.get("epoch"),
+        "step": checkpoint.get("step"),
+        "weights": weights,
+        "config": checkpoint["config"],
+    }
+    config = checkpoint["config"]
+    network = prepare_unet(model, plan)
+    return LoadedModel(
+        network, diffusion, image_shape(config), model.num_classes, provenance, data_source(config)
+    )
+
+
+def output_paths(settings: EvaluationSettings, stem: str) -> tuple[Path, Path]:
+    """The JSON path and the sample grid beside it; their folder must be writable."""
+    json_path = Path(settings.json) if settings.json else Path(settings.out_dir) / f"eval_{stem}.json"
+    writable_dir(json_path.parent)
+    if json_path.is_dir():
+        raise OutputError(f"cannot write the JSON report to {json_path}: it is a folder")
+    return json_path, json_path.with_name(f"{json_path.stem}_samples.png")
+
+
+def resolve_extractors(
+    settings: EvaluationSettings, data: str, data_dir: str | None, device: torch.device
+) -> tuple[list, dict[str, Any]]:
+    """The feature extractors among --metrics that can run, and the provenance of each."""
+    extractors, provenance = [], {}
+    if "classifier" in settings.metrics:
+        path = ensure_classifier(data, data_dir, settings.classifier, device)
+        extractor, provenance["classifier"] = classifier_extractor(path, data_label(data, data_dir))
+        extractors.append(extractor)
+    if "inception" in settings.metrics:
+        extractor, provenance["inception"] = inception_extractor(settings.inception_weights)
+        extractors += [extractor] if extractor is not None else []
+    return extractors, provenance
+
+
+def set_metrics(images: ImageSet, comparison: Comparison) -> dict[str, Any]:
+    """Every feature metric of one image set, plus the classifier's mean confidence and predicted-class
+    fractions (how recognisable the images are) where the classifier is among the extractors."""
+    metrics = metrics_per_extractor(images, comparison)
+    for extractor in comparison.extractors:
+        if extractor.label == "classifier":
+            model, _ = load_classifier(extractor.weights_path)
+            metrics["classifier"] |= judge(model, to_model_range(images.images))
+    return metrics
+
+
+def classifier_comparison(
+    data: str, data_dir: str | None, batch_size: int, seed: int, device: torch.device
+) -> Comparison:
+    """A Comparison with the data set's test split as the reference and its classifier (shipped, or
+    trained once) as the only extractor: what the benchmarks judge samples with."""
+    label = data_label(data, data_dir)
+    test_images, _ = load_images(data, "test", data_dir)
+    extractor, _ = classifier_extractor(ensure_classifier(data, data_dir, None, device), label)
+    return Comparison(real_set(test_images, label, "test"), [extractor], batch_size, seed, device)
+
+
+def classifier_scores(images: torch.Tensor, comparison: Comparison) -> dict[str, Any]:
+    """The classifier's FID, IS, KID, precision, recall, mean confidence and class fractions of
+    images [N, C, H, W] in [-1, 1] (quantized to 8 bits first, as a saved PNG would be)."""
+    return set_metrics(ImageSet(to_uint8(images)), comparison)["classifier"]
+
+
+def class_accuracy_score(
+    samples: torch.Tensor,
+    labels: torch.Tensor,
+    test_set: tuple[torch.Tensor, torch.Tensor],
+    epochs: int,
+    seed: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """CAS: train the classifier architecture on the generated images (quantized to 8 bits, as a
+    saved PNG would be), test it on the real test images."""
+    model = train_classifier(
+        to_model_range(to_uint8(samples)), labels, epochs=epochs, seed=seed, device=device
+    )
+    test_images, test_labels = test_set
+    return {
+        "cas_accuracy": accuracy(model, test_images, test_labels),
+        "epochs": epochs,
+        "num_train": len(labels),
+        "num_test": len(test_labels),
+    }
+
+
+def evaluate_model(
+    loaded: LoadedModel,
+    settings: EvaluationSettings,
+    sampling: SamplingSettings,
+    plan: SpeedPlan,
+    test_set: tuple[torch.Tensor, torch.Tensor],
+    grid_path: Path,
+    comparison: Comparison,
+) -> dict[str, Any]:
+    """Sample, save the grid, then the metrics of the samples: feature metrics, CAS, reconstruction."""
+    device = comparison.device
+    samples, labels = generate_samples(
+        loaded.network,
+        loaded.diffusion,
+        settings.num_samples,
+        sampling=sampling,
+        image_shape=loaded.image_shape,
+        seed=settings.seed,
+        device=device,
+        amp=plan.amp,
+        batch_size=settings.batch_size,
+    )
+    save_sample_grid(samples, labels, grid_path)
+    metrics = {"generated": set_metrics(ImageSet(to_uint8(samples)), comparison)}
+    if labels is not None and "cas" in settings.metrics:
+        metrics["cas"] = class_accuracy_score(
+            samples, labels, test_set, settings.cas_epochs, settings.seed, device
+        )
+    if "recon" in settings.metrics:
+        test_images, test_labels = test_set
+        subset = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(settings.seed))
+        subset = subset[: settings.num_recon]
+        sweep = reconstruction_sweep(
+            loaded.network,
+            loaded.diffusion,
+            test_images[subset],
+            sweep_timesteps(settings.recon_t, loaded.diffusion.T),
+            sampling=sampling,
+            seed=settings.seed,
+            device=device,
+            amp=plan.amp,
+            labels=test_labels[subset],
+            batch_size=settings.batch_size,
+        )
+        metrics["reconstruction"] = sweep | {"scale": SCALES}
+    return metrics
+
+
+def save_sample_grid(samples: torch.Tensor, labels: torch.Tensor | None, path: Path) -> None:
+    """The first samples as a PNG: rows of 10, or for conditional models one row per class."""
+    if labels is None:
+        save_image_grid(samples[: GRID_COLUMNS * GRID_ROWS_UNCONDITIONAL], path, columns=GRID_COLUMNS)
+        return
+    per_class = [samples[labels == label] for label in range(int(labels.max()) + 1)]
+    columns = min(GRID_COLUMNS, *(len(images) for images in per_class))
+    save_image_grid(torch.cat([images[:columns] for images in per_class]), path, columns=columns)
+
+
+def sampling_provenance(loaded: LoadedModel, settings: EvaluationSettings, sampling: SamplingSettings, plan):
+    T = loaded.diffusion.T
+    return asdict(sampling) | {
+        "steps": len(loaded.diffusion.timesteps(sampling.sampler, sampling.steps, T - 1)),
+        "num_samples": settings.num_samples,
+        "batch_size": settings.batch_size,
+        "amp": plan.amp,
+        "compiled": plan.compile_mode if plan.compile else None,
+        "channels_last": plan.channels_last,
+    }
+
+
+def evaluate(
+    settings: EvaluationSettings,
+    sampling: SamplingSettings,
+    runtime: RuntimeSettings,
+    data: DataSettings,
+    command: str,
+) -> dict[str, Any]:
+    """Run the whole evaluation; returns the report (also written to its JSON path)."""
+    device = resolve_device(runtime.device)
+    plan = plan_speed(runtime.amp, runtime.compile, runtime.compile_mode, runtime.channels_last, device)
+    configure_fast_path(device)
+    seed_everything(settings.seed)
+    loaded = None if settings.baselines_only else load_model(settings, sampling, plan, device)
+    trained_on = loaded.data if loaded is not None else ("mnist", None)
+    name, data_dir = data.data or trained_on[0], data.data_dir or (None if data.data else trained_on[1])
+    label = data_label(name, data_dir)
+    stem = Path(loaded.provenance["path"]).stem if loaded is not None else f"baselines_{label}"
+    json_path, grid_path = output_paths(settings, stem)
+
+    test_set = load_images(name, "test", data_dir)
+    train_images, _ = load_images(name, "train", data_dir)
+    extractors, extractor_info = resolve_extractors(settings, name, data_dir, device)
+    comparison = Comparison(
+        real_set(test_set[0], label, "test"),
+        extractors,
+        settings.batch_size,
+        settings.seed,
+        device,
+        settings.cache_dir,
+    )
+    metrics = {"generated": None, "floor": None, "ceiling": None, "cas": None, "reconstruction": None}
+    if loaded is not None:
+        metrics |= evaluate_model(loaded, settings, sampling, plan, test_set, grid_path, comparison)
+    if extractors:
+        metrics["floor"] = set_metrics(
+            floor_set(train_images, settings.num_samples, label, settings.seed), comparison
+        )
+    if settings.baselines or settings.baselines_only:
+        shape = tuple(test_set[0].shape[1:])
+        metrics["ceiling"] = set_metrics(noise_set(settings.num_samples, shape, settings.seed), comparison)
+
+    report = {
+        "provenance": {
+            "checkpoint": None if loaded is None else loaded.provenance,
+            "data": {
+                "name": label,
+                "split": "test",
+                "num_reference": len(comparison.reference.images),
+                "reference_sha256": sha256_of_tensor(comparison.reference.images),
+            },
+            "sampling": None if loaded is None else sampling_provenance(loaded, settings, sampling, plan),
+            "seed": settings.seed,
+            "feature_extractors": extractor_info,
+            "versions": library_versions(),
+            "device": hardware(device),
+            "command": command,
+        },
+        "metrics": metrics,
+        "outputs": {"json": str(json_path), "samples_png": None if loaded is None else str(grid_path)},
+    }
+    write_json(report, json_path)
+    return report
+
+
+# ----- the report on the terminal -----------------------------------------------------------------
+
+
+def format_cell(metrics: dict | None, key: str) -> str:
+    """One table cell: FID, precision or recall, or mean ± std of IS / KID; '-' where not measured."""
+    if metrics is None:
+        return "-"
+    if key in ("fid", "precision", "recall", "mean_confidence"):
+        return f"{metrics[key]:.4g}"
+    return f"{metrics[key + '_mean']:.4g} ± {metrics[key + '_std']:.3g}"
+
+
+def fidelity_table(metrics: dict[str, Any]) -> list[str]:
+    """Feature metrics per extractor (rows) and compared set (columns)."""
+    columns = {name: metrics[name] for name in COLUMN_TITLES if metrics.get(name)}
+    labels = [label for label in ("classifier", "inception") if any(label in c for c in columns.values())]
+    if not labels:
+        return []
+    lines = [f"{'metric':<22}" + "".join(f"{COLUMN_TITLES[name]:>22}" for name in columns)]
+    for label in labels:
+        rows = TABLE_ROWS + ((("mean_confidence", "confidence"),) if label == "classifier" else ())
+        for key, title in rows:
+            cells = [format_cell(values.get(label), key) for values in columns.values()]
+            lines.append(f"{label + ' ' + title:<22}" + "".join(f"{cell:>22}" for cell in cells))
+    return lines
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """What was evaluated, then the table, CAS and the reconstruction scores, as text."""
+    provenance, metrics = report["provenance"], report["metrics"]
+    checkpoint, sampling = provenance["checkpoint"], provenance["sampling"]
+    lines = []
+    if checkpoint is not None:
+        lines.append(
+            f"\n{checkpoint['path']} ({checkpoint['weights']} weights, epoch {checkpoint['epoch']}, "
+            f"step {checkpoint['step']}): {sampling['num_samples']} samples, {sampling['sampler']} "
+            f"{sampling['steps']} steps, eta {sampling['eta']}, guidance {sampling['guidance']}, "
+            f"seed {provenance['seed']}"
+        )
+    data = provenance["data"]
+    lines.append(f"reference: {data['name']} {data['split']} split, {data['num_reference']} images")
+    lines += fidelity_table(metrics)
+    if metrics["cas"] is not None:
+        lines.append(
+            "CAS (classifier trained on the samples, tested on real test images): "
+            f"accuracy {metrics['cas']['cas_accuracy']:.4f}"
+        )
+    if metrics["reconstruction"] is not None:
+        lines.append(
+            "reconstruction, mean ± std (MSE on [0, 1] pixels, PSNR in dB with peak 1, SSIM data_range=1):"
+        )
+        for t, scores in metrics["reconstruction"]["per_t"].items():
+            cells = [
+                f"{name.upper()} {scores[name + '_mean']:.4f} ± {scores[name + '_std']:.4f}"
+                for name in ("mse", "psnr", "ssim")
+            ]
+            lines.append(f"  t={t:>4} ({scores['steps']:>4} steps)  " + "  ".join(cells))
+    return "\n".join(lines)

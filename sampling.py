@@ -1,0 +1,202 @@
+"""Batched sampling and reconstruction through diffusion.py's samplers: the one loop every script uses.
+
+`generate_samples` draws N images in batches from fixed, seeded noise under the U-Net's autocast;
+`reconstruction_sweep` noises real images to each t with q(x_t | x_0) (Ho et al. 2020,
+arXiv:2006.11239, eq. 4), runs the reverse process back to 0 and scores the result (MSE, PSNR,
+SSIM on the [0, 1] scale). `check_sampling` is the one validation of sampler flags.
+
+Timesteps as in diffusion.py: t in {0..T-1}. Reconstruction from t with DDPM makes t+1 model
+evaluations; DDIM and DPM-Solver++ make min(--steps, t+1) (default min(50, t+1)).
+
+Example:
+    samples, labels = generate_samples(model, diffusion, 1000, sampling=SamplingSettings(), seed=0,
+                                       image_shape=(1, 28, 28), device=device)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from diffusion import GaussianDiffusion, final_sample
+from image_metrics import reconstruction_metrics
+from messages import UserError
+from runtime import autocast_context
+from settings import SamplingSettings
+
+DEFAULT_RECON_T = (50, 100, 250, 500, 750)  # then T-1 (999 for T = 1000)
+DEFAULT_BATCH_SIZE = 250
+
+
+def check_sampling(
+    diffusion: GaussianDiffusion,
+    sampling: SamplingSettings,
+    num_classes: int | None,
+    start_t: int | None = None,
+) -> None:
+    """A UserError unless the sampler can run `sampling.steps` evaluations from start_t (default T-1)
+    and --guidance fits the model (class-conditional for guidance != 1)."""
+    start_t = diffusion.T - 1 if start_t is None else start_t
+    check_start_t(start_t, diffusion.T, "--t")
+    if sampling.steps is not None and not 1 <= sampling.steps <= diffusion.T:
+        raise UserError(f"--steps must be in [1, {diffusion.T}] (T of this checkpoint), got {sampling.steps}")
+    try:
+        diffusion.timesteps(sampling.sampler, sampling.steps, start_t)
+    except ValueError as error:
+        raise UserError(f"--sampler {sampling.sampler} --steps {sampling.steps}: {error}") from None
+    if sampling.guidance != 1.0 and num_classes is None:
+        raise UserError("--guidance needs a class-conditional checkpoint; this one is unconditional")
+
+
+def check_start_t(t: int, T: int, flag: str) -> None:
+    """The one rule for a starting step: t must be in [0, T-1], else a UserError naming the flag."""
+    if not 0 <= t < T:
+        raise UserError(f"{flag} must be in [0, {T - 1}] for this checkpoint (T = {T}), got {t}")
+
+
+def sweep_timesteps(requested: tuple[int, ...] | None, T: int, flag: str = "--recon-t") -> list[int]:
+    """Starting steps of a reconstruction sweep: each of `requested` checked to lie in [0, T-1], or by
+    default 50, 100, 250, 500, 750 (those below T-1) and T-1, the pure-noise end."""
+    if requested is None:
+        return [t for t in DEFAULT_RECON_T if t < T - 1] + [T - 1]
+    if not requested:
+        raise UserError(f"{flag} needs at least one starting step")
+    for t in requested:
+        check_start_t(t, T, flag)
+    return sorted(set(requested))
+
+
+def steps_from(sampling: SamplingSettings, t: int) -> int | None:
+    """Model evaluations of a reconstruction from t: DDPM all t+1 (None), others min(--steps, t+1)."""
+    if sampling.sampler == "ddpm" or sampling.steps is None:
+        return None
+    return min(sampling.steps, t + 1)
+
+
+def balanced_labels(count: int, num_classes: int | None, device: torch.device) -> torch.Tensor | None:
+    """Labels 0, 1, ..., K-1, 0, 1, ... for a class-conditional model (None for an unconditional one)."""
+    return None if num_classes is None else torch.arange(count, device=device) % num_classes
+
+
+@torch.no_grad()
+def generate_samples(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    count: int,
+    *,
+    sampling: SamplingSettings,
+    image_shape: tuple[int, int, int],
+    seed: int,
+    device: torch.device,
+    amp: str = "none",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    labels: torch.Tensor | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`count` images [N, C, H, W] in [-1, 1] on the CPU, drawn in batches from noise seeded by `seed`.
+
+    A class-conditional model gets `labels` (default: balanced, i % num_classes); returns
+    (samples, labels on the CPU or None).
+    """
+    if labels is None:
+        labels = balanced_labels(count, model.num_classes, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batches = []
+    starts = range(0, count, batch_size)
+    for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, leave=False):
+        size = min(batch_size, count - start)
+        with autocast_context(amp, device):
+            images = diffusion.sample(
+                model,
+                size,
+                sampler=sampling.sampler,
+                steps=sampling.steps,
+                eta=sampling.eta,
+                generator=generator,
+                labels=None if labels is None else labels[start : start + size].to(device),
+                guidance=sampling.guidance,
+                image_shape=image_shape,
+            )
+        batches.append(images.cpu())
+    return torch.cat(batches), None if labels is None else labels.cpu()
+
+
+@torch.no_grad()
+def reconstruct_images(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    t: int,
+    *,
+    sampling: SamplingSettings,
+    seed: int,
+    device: torch.device,
+    amp: str = "none",
+    labels: torch.Tensor | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> torch.Tensor:
+    """Noise images [N, C, H, W] to step t (eq. 4) and denoise them back with `diffusion.reconstruct`,
+    in batches, the noise seeded by `seed`; returns the reconstructions on the CPU."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    steps, results = steps_from(sampling, t), []
+    for start in range(0, len(images), batch_size):
+        x0 = images[start : start + batch_size].to(device)
+        batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
+        sampler_steps = diffusion.reconstruct(
+            model,
+            x0,
+            t,
+            generator,
+            sampler=sampling.sampler,
+            steps=steps,
+            eta=sampling.eta,
+            labels=batch_labels,
+            guidance=sampling.guidance,
+        )
+        with autocast_context(amp, device):
+            results.append(final_sample(sampler_steps).cpu())
+    return torch.cat(results)
+
+
+def reconstruction_sweep(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    timesteps: list[int],
+    *,
+    sampling: SamplingSettings,
+    seed: int,
+    device: torch.device,
+    amp: str = "none",
+    labels: torch.Tensor | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, Any]:
+    """For each t: test images noised to t and denoised back (the same seeded noise for every t),
+    scored against the originals. Returns {"num_images", "per_t": {t: {"steps", "mse_mean",
+    "mse_std", "psnr_mean", ..., "ssim_std"}}} with t as a string key (for JSON)."""
+    labels = labels if model.num_classes is not None else None
+    per_t = {}
+    for t in tqdm(timesteps, desc="reconstruction sweep", unit="t", leave=False):
+        denoised = reconstruct_images(
+            model,
+            diffusion,
+            images,
+            t,
+            sampling=sampling,
+            seed=seed,
+            device=device,
+            amp=amp,
+            labels=labels,
+            batch_size=batch_size,
+        )
+        scores = reconstruction_metrics(denoised, images)
+        per_t[str(t)] = {"steps": len(diffusion.timesteps(sampling.sampler, steps_from(sampling, t), t))} | {
+            f"{name}_{stat}": float(reduce(values))
+            for name, values in scores.items()
+            for stat, reduce in (("mean", np.mean), ("std", np.std))
+        }
+    return {"num_images": len(images), "per_t": per_t}

@@ -1,0 +1,363 @@
+"""Settings declared once: small frozen dataclasses whose fields are the scripts' flags, and presets.
+
+Each dataclass field is one flag (`model_channels` -> `--model-channels`) with its type, default and
+help; `Settings.add_flags(parser)` adds a dataclass's flags to a parser and `Settings.from_args(args)`
+reads them back, so every script and benchmark shares the same names, types and defaults. Library
+functions take these dataclasses (or plain keywords), never an argparse namespace.
+
+Presets (`train_MNIST.py --preset NAME`) replace some defaults; flags given explicitly override them:
+  gpu  (the default) the model and recipe of the full GPU run, 100 epochs of MNIST
+  cpu  the CPU recipe that reaches recognisable digits in 15 CPU-minutes on MNIST-5k: a 1.09M U-Net
+       whose widths grow where the feature maps are small, v-prediction (Salimans & Ho 2022,
+       arXiv:2202.00512), min-SNR-5 weights (Hang et al. 2023, arXiv:2303.09556), AdamW 2e-3,
+       EMA 0.999, bf16 autocast
+
+Example:
+    parser = OneLineErrorParser()
+    ModelSettings.add_flags(parser)
+    model = ModelSettings.from_args(parser.parse_args(["--model-channels", "32"]))
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+from cli import (
+    at_least_two,
+    fraction,
+    int_tuple,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    positive_int_tuple,
+)
+from data_sources import DATA_SETS
+from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
+from runtime import AMP_MODES, COMPILE_MODES, SWITCHES
+
+LR_SCHEDULES = ("cosine", "constant")
+CLOCKS = ("wall", "cpu")
+NUM_CLASSES = 10  # digits (and Fashion-MNIST's ten classes)
+
+
+def setting(default: Any, help: str, type=None, choices=None, flag: str | None = None):  # noqa: A002
+    """A dataclass field that is also a command-line flag."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "flag": flag})
+
+
+class Settings:
+    """Base of the settings dataclasses: their fields as flags, and back."""
+
+    TITLE: ClassVar[str] = ""
+
+    @classmethod
+    def add_flags(
+        cls,
+        parser: argparse.ArgumentParser,
+        defaults: Settings | None = None,
+        helps: dict[str, str] | None = None,
+    ) -> None:
+        """Add one flag per field in a group: defaults from `defaults` (else the dataclass's), help
+        texts from `helps` where given (a script's own wording of what its default means)."""
+        defaults = defaults if defaults is not None else cls()
+        group = parser.add_argument_group(cls.TITLE)
+        for spec in fields(cls):
+            meta, value = spec.metadata, getattr(defaults, spec.name)
+            help_text = (helps or {}).get(spec.name, meta["help"])
+            options = {"dest": spec.name, "default": value, "help": help_text}
+            if isinstance(value, bool):
+                options["action"] = argparse.BooleanOptionalAction
+            else:
+                options |= {"type": meta["type"], "choices": meta["choices"]}
+                if isinstance(value, tuple):  # given as text, so that the field's type parses it
+                    options["default"] = ",".join(map(str, value))
+            group.add_argument(meta["flag"] or "--" + spec.name.replace("_", "-"), **options)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        return cls(**{spec.name: getattr(args, spec.name) for spec in fields(cls)})
+
+
+@dataclass(frozen=True)
+class DataSettings(Settings):
+    TITLE = "data"
+    data: str = setting("mnist", "data set (mnist downloads into data/ once)", choices=DATA_SETS)
+    data_dir: str | None = setting(None, "folder of MNIST-format IDX files (overrides --data)")
+
+    @classmethod
+    def add_checkpoint_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """--data and --data-dir for scripts that read a checkpoint: by default its own data."""
+        helps = {
+            "data": "data set of the test images (default: the checkpoint's)",
+            "data_dir": "folder of MNIST-format IDX files (default: the checkpoint's)",
+        }
+        cls.add_flags(parser, cls(data=None), helps)
+
+
+@dataclass(frozen=True)
+class ModelSettings(Settings):
+    TITLE = "U-Net (model.py)"
+    model_channels: int = setting(64, "width of the first U-Net level", positive_int)
+    channel_mult: tuple[int, ...] = setting(
+        (1, 2, 2), "width of each level / model-channels", positive_int_tuple
+    )
+    num_res_blocks: int = setting(2, "residual blocks per level", positive_int)
+    attn_resolutions: tuple[int, ...] = setting((14,), "feature-map sizes with self-attention", int_tuple)
+    dropout: float = setting(0.1, "dropout in the residual blocks, in [0, 1)", fraction)
+    class_cond: bool = setting(False, "condition on the class labels (classifier-free guidance)")
+
+    def unet_config(self, in_channels: int, image_size: int) -> dict[str, Any]:
+        """The keyword arguments of model.UNet, as plain values (lists, not tuples)."""
+        return {
+            "in_channels": in_channels,
+            "model_channels": self.model_channels,
+            "channel_mult": list(self.channel_mult),
+            "num_res_blocks": self.num_res_blocks,
+            "attention_resolutions": list(self.attn_resolutions),
+            "dropout": self.dropout,
+            "num_classes": NUM_CLASSES if self.class_cond else None,
+            "image_size": image_size,
+        }
+
+
+@dataclass(frozen=True)
+class DiffusionSettings(Settings):
+    TITLE = "diffusion (diffusion.py)"
+    T: int = setting(1000, "diffusion steps", at_least_two, flag="--T")
+    schedule: str = setting("cosine", "noise schedule", choices=SCHEDULES)
+    prediction: str = setting("eps", "what the network predicts", choices=PREDICTIONS)
+
+    def config(self) -> dict[str, Any]:
+        """The keyword arguments of diffusion.GaussianDiffusion."""
+        return {"T": self.T, "schedule": self.schedule, "prediction": self.prediction}
+
+
+@dataclass(frozen=True)
+class TrainingSettings(Settings):
+    TITLE = "optimisation and stop rules"
+    epochs: int = setting(100, "passes over the training set", positive_int)
+    batch_size: int = setting(128, "images per step on each process", positive_int)
+    lr: float = setting(2e-4, "peak AdamW learning rate", positive_float)
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay", non_negative_float)
+    warmup_steps: int = setting(1000, "linear LR warm-up steps", non_negative_int)
+    lr_schedule: str = setting(
+        "cosine", "LR after the warm-up (cosine: to 0 at the end)", choices=LR_SCHEDULES
+    )
+    grad_clip: float = setting(1.0, "clip the gradient norm to this", positive_float)
+    ema_decay: float = setting(0.9999, "EMA decay, in [0, 1), reached after a warm-up", fraction)
+    min_snr_gamma: float | None = setting(
+        None, "min-SNR loss weight gamma, e.g. 5 (default None: plain MSE)", positive_float
+    )
+    p_uncond: float = setting(0.1, "label dropout for classifier-free guidance, in [0, 1)", fraction)
+    max_steps: int | None = setting(None, "also stop after this many steps", positive_int)
+    max_minutes: float | None = setting(
+        None, "also stop after this many minutes of training steps (the LR decays over them)", positive_float
+    )
+    clock: str = setting(
+        "wall", "what --max-minutes counts: wall seconds or this process's CPU seconds", choices=CLOCKS
+    )
+
+
+@dataclass(frozen=True)
+class RuntimeSettings(Settings):
+    TITLE = "where and how the U-Net runs (auto: the fast path on a GPU, eager fp32 on a CPU)"
+    device: str = setting("auto", "auto | cpu | cuda[:N]")
+    amp: str = setting("auto", "autocast dtype; auto: bf16 on a GPU that has it", choices=AMP_MODES)
+    compile: str = setting("auto", "torch.compile the U-Net; auto: on a GPU", choices=SWITCHES)
+    compile_mode: str = setting(
+        "auto", "torch.compile mode; auto: reduce-overhead (CUDA graphs) on a GPU", choices=COMPILE_MODES
+    )
+    channels_last: str = setting("auto", "NHWC U-Net weights; auto: on a GPU", choices=SWITCHES)
+
+
+@dataclass(frozen=True)
+class SamplingSettings(Settings):
+    TITLE = "sampling (diffusion.py)"
+    sampler: str = setting("ddim", "reverse process: ddpm (all T steps), ddim or dpm++2m", choices=SAMPLERS)
+    steps: int | None = setting(
+        None, "model evaluations from t down to 0 (default: min(50, t+1); ddpm always t+1)", positive_int
+    )
+    eta: float = setting(0.0, "DDIM eta (0: deterministic, 1: DDPM's posterior variance)", non_negative_float)
+    guidance: float = setting(
+        1.0, "classifier-free guidance scale (class-conditional models)", non_negative_float
+    )
+
+
+@dataclass(frozen=True)
+class RunSettings(Settings):
+    TITLE = "outputs"
+    out_dir: str = setting("checkpoints", "checkpoints, log, loss plot and sample grids")
+    resume: str | None = setting(None, "latest (newest checkpoint in --out-dir) or a checkpoint path")
+    seed: int = setting(0, "seed for weights, data order, noise and sample grids", int)
+    save_every: int = setting(10, "epochs between mnist_epoch_XX.pt files", positive_int)
+    sample_every: int = setting(5, "epochs between sample grids", positive_int)
+    log_every: int = setting(50, "steps between rows of train_log.csv", positive_int)
+
+
+METRICS = ("inception", "classifier", "cas", "recon")
+
+
+def metric_names(text: str) -> tuple[str, ...]:
+    """argparse type: a comma-separated subset of METRICS, e.g. 'classifier,recon'."""
+    chosen = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not chosen or set(chosen) - set(METRICS):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {', '.join(METRICS)}, got {text!r}"
+        )
+    return chosen
+
+
+@dataclass(frozen=True)
+class EvaluationSettings(Settings):
+    TITLE = "evaluation"
+    checkpoint: str | None = setting(
+        None,
+        "checkpoint: a path, demo (the shipped model), or by default the newest in checkpoints/, else demo",
+    )
+    ema: bool = setting(True, "use the EMA weights")
+    num_samples: int = setting(10000, "images to generate for FID/IS/KID/precision/recall/CAS", positive_int)
+    batch_size: int = setting(250, "images per sampler / feature batch", positive_int)
+    seed: int = setting(0, "seed of the sampling noise, image subsets and KID subsets", int)
+    metrics: tuple[str, ...] = setting(
+        METRICS, "comma-separated subset of " + ", ".join(METRICS), metric_names
+    )
+    inception_weights: str | None = setting(None, "local copy of torch-fidelity's InceptionV3 weights")
+    classifier: str | None = setting(
+        None, "classifier weights (default: the shipped one for MNIST, else trained once into checkpoints/)"
+    )
+    cas_epochs: int = setting(10, "epochs of the CAS classifier (class-conditional models)", positive_int)
+    baselines: bool = setting(
+        False, "also the uniform-noise ceiling (the real-data floor is always reported)"
+    )
+    baselines_only: bool = setting(False, "only the floor and the ceiling: no checkpoint needed")
+    recon_t: tuple[int, ...] | None = setting(
+        None,
+        "noise levels t of the reconstruction (default: 50,100,250,500,750 below T-1, and T-1)",
+        int_tuple,
+    )
+    num_recon: int = setting(100, "test images to reconstruct per t", positive_int)
+    out_dir: str = setting("eval_outputs", "folder of the default JSON and sample grid")
+    json: str | None = setting(None, "JSON report path (default <out-dir>/eval_<checkpoint>.json)")
+    cache_dir: str | None = setting(None, "torch-fidelity cache (default $TORCH_HOME/fidelity_cache)")
+
+
+@dataclass(frozen=True)
+class VisualisationSettings(Settings):
+    TITLE = "what vizu_MNIST.py shows"
+    checkpoint: str | None = setting(
+        None,
+        "checkpoint: a path, demo (the shipped model), or by default the newest in checkpoints/, else demo",
+    )
+    ema: bool = setting(True, "use the EMA weights")
+    num_images: int = setting(4, "images to reconstruct or generate", positive_int)
+    index: tuple[int, ...] = setting(
+        (), "comma-separated test-split indices (default: --num-images spread over the classes)", int_tuple
+    )
+    t: int = setting(500, "reconstruction: noise the images to this step, in [0, T-1]", int, flag="--t")
+    t_sweep: bool = setting(False, "final MSE/SSIM of the reconstruction from each --sweep-t")
+    sweep_t: tuple[int, ...] | None = setting(
+        None, "starting steps of --t-sweep (default: 50,100,250,500,750 below T-1, and T-1)", int_tuple
+    )
+    generate: bool = setting(False, "sample from pure noise instead of reconstructing test images")
+    label: int | None = setting(
+        None,
+        "class to condition on, for class-conditional checkpoints (default: each test image's own label; "
+        "with --generate, 0, 1, 2, ... in turn)",
+        int,
+    )
+    strip_steps: int = setting(10, "columns (steps) in strip.png", positive_int)
+    gif_frames: int = setting(60, "most frames in reverse.gif", positive_int)
+    out_dir: str = setting("step_outputs_mnist", "where images, CSVs and plots go")
+    seed: int = setting(0, "seed for the image choice, the noise and the sampler", int)
+    device: str = setting("auto", "auto | cpu | cuda[:N]")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": {},
+    "cpu": {
+        "model_channels": 16,
+        "channel_mult": (1, 2, 4, 4),
+        "num_res_blocks": 1,
+        "attn_resolutions": (4,),
+        "dropout": 0.0,
+        "prediction": "v",
+        "min_snr_gamma": 5.0,
+        "lr": 2e-3,
+        "warmup_steps": 100,
+        "ema_decay": 0.999,
+        "batch_size": 128,
+        "amp": "bf16",
+    },
+}
+DEFAULT_PRESET = "gpu"
+
+
+def presets_help() -> str:
+    """The --help epilog: each preset's values as flags."""
+    lines = ["presets (flags given explicitly override them):"]
+    for name, values in PRESETS.items():
+        flags = " ".join(f"--{key.replace('_', '-')} {_flag_text(value)}" for key, value in values.items())
+        lines.append(f"  {name}: {flags or 'the defaults above'}")
+    return "\n".join(lines)
+
+
+def _flag_text(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """Everything `train_MNIST.py`'s flags say: what to train, how, where it runs and where it writes."""
+
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    diffusion: DiffusionSettings = DiffusionSettings()
+    training: TrainingSettings = TrainingSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    run: RunSettings = RunSettings()
+    preset: str = DEFAULT_PRESET
+
+    PARTS: ClassVar[dict[str, type[Settings]]] = {
+        "data": DataSettings,
+        "model": ModelSettings,
+        "diffusion": DiffusionSettings,
+        "training": TrainingSettings,
+        "runtime": RuntimeSettings,
+        "run": RunSettings,
+    }
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="a set of defaults (see below)"
+        )
+        for part in cls.PARTS.values():
+            part.add_flags(parser)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainingJob:
+        parts = {name: part.from_args(args) for name, part in cls.PARTS.items()}
+        return cls(**parts, preset=args.preset)
+
+    def plain(self) -> dict[str, Any]:
+        """Every resolved setting as plain values (tuples as lists), for the checkpoint's config."""
+        return _plain(asdict(self))
+
+
+def training_job_from_flags(argv: list[str], description: str | None = None) -> TrainingJob:
+    """The TrainingJob that `train_MNIST.py ARGV` runs (presets applied): the script's parser, also
+    for code that trains as that command does."""
+    from cli import OneLineErrorParser, parse_with_preset
+
+    parser = OneLineErrorParser(prog="train_MNIST.py", description=description, epilog=presets_help())
+    TrainingJob.add_flags(parser)
+    return TrainingJob.from_args(parse_with_preset(parser, argv, PRESETS, DEFAULT_PRESET))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return list(value) if isinstance(value, tuple | list) else value

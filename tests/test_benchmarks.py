@@ -1,0 +1,79 @@
+"""Smoke tests of every benchmark: seconds-long runs with tiny settings, checking their output's fields,
+so that a refactor cannot silently break them. The competitor packages are not installed in CI, so
+throughput.py runs ours and the trainer's step only."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import subprocess
+from pathlib import Path
+
+from conftest import TINY_UNET_FLAGS
+
+from benchmarks import sampling_speed, steps_vs_quality, throughput, time_to_digits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_quietly(main, argv: list[str]) -> str:
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(io.StringIO()):
+        main(argv)
+    return output.getvalue()
+
+
+def test_throughput_times_ours_and_the_trainer_step(tmp_path):
+    argv = [*TINY_UNET_FLAGS, "--networks", "ours,trainer", "--batch-size", "4", "--repeats", "2",
+            "--iters", "1", "--warmup", "1", "--device", "cpu",
+            "--json", str(tmp_path / "t.json")]  # fmt: skip
+    run_quietly(throughput.main, argv)
+    results = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert set(results) == {"ours", "trainer"}
+    assert results["ours"]["ours_train_speedup"] == 1.0 and results["ours"]["sample_img_per_s"] > 0
+    assert results["trainer"]["parameters"] == results["ours"]["parameters"]
+    assert results["trainer"]["train_img_per_s"] > 0 and results["trainer"]["sample_img_per_s"] is None
+
+
+def test_sampling_speed_times_each_batch_size(tiny_checkpoint, tmp_path):
+    argv = ["--checkpoint", str(tiny_checkpoint), "--num-samples", "4", "--batch-sizes", "2,4",
+            "--steps", "2", "--repeats", "1", "--warmup-steps", "1", "--device", "cpu",
+            "--json", str(tmp_path / "s.json")]  # fmt: skip
+    run_quietly(sampling_speed.main, argv)
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert [row["batch_size"] for row in report["results"]] == [2, 4]
+    assert all(row["images_per_s"] > 0 for row in report["results"])
+    assert report["environment"]["steps"] == 2 and report["environment"]["speed"] == "amp none, eager"
+
+
+def test_steps_vs_quality_scores_each_sampler(tiny_checkpoint, tmp_path):
+    argv = ["--checkpoint", str(tiny_checkpoint), "--steps", "2,3", "--no-ddpm", "--num-samples", "12",
+            "--device", "cpu", "--json", str(tmp_path / "q.json")]  # fmt: skip
+    run_quietly(steps_vs_quality.main, argv)
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert [(row["sampler"], row["steps"]) for row in report["rows"]] == [
+        ("ddim", 2), ("ddim", 3), ("dpm++2m", 2), ("dpm++2m", 3)
+    ]  # fmt: skip
+    for row in [*report["rows"], report["real_train_images"]]:
+        assert math.isfinite(row["fid"]) and 0 <= row["precision"] <= 1 and len(row["class_fractions"]) == 10
+    assert report["real_train_images"]["fid"] < min(row["fid"] for row in report["rows"])
+
+
+def test_time_to_digits_trains_through_the_trainer_and_evaluates(tmp_path):
+    out_dir = tmp_path / "ttd"
+    argv = ["--minutes", "0.02", "--clock", "cpu", "--num-samples", "10", "--device", "cpu",
+            "--out-dir", str(out_dir), "--json", str(tmp_path / "d.json")]  # fmt: skip
+    printed = run_quietly(time_to_digits.main, argv)
+    results = json.loads((tmp_path / "d.json").read_text())["results"]
+    assert set(results) == {"real train digits", "ours"}
+    ours = results["ours"]
+    assert ours["train_command"].startswith("train_MNIST.py --preset cpu --data mnist-5k --max-minutes 0.02")
+    assert ours["steps"] >= 1 and ours["parameters"] == 1_085_937 and (out_dir / "ours" / "last.pt").is_file()
+    assert math.isfinite(ours["fid"]) and "predicted-class histogram" in printed
+
+
+def test_gpu_report_script_parses():
+    result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_report.sh")], capture_output=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,126 @@
+"""Recording the reverse process: every step's x_t and predicted x0 of a sampler run, and their metrics.
+
+A `Trajectory` keeps what diffusion.py's samplers yield (SamplerStep: t, x_t, pred_x0) for B images
+over S steps, plus per-step metrics: how much x0-hat still changes (MSE to the previous step's) and,
+for reconstructions, the MSE and SSIM of x_t and of x0-hat against the originals ([0, 1] scale).
+vizu_MNIST.py draws them; the samplers' loop is never re-implemented here.
+
+Example:
+    trajectory = reconstruction_trajectory(model, diffusion, originals, 500, SamplingSettings("ddpm"))
+    trajectory.metrics["ssim_x0"]      # [S, B]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from diffusion import GaussianDiffusion, SamplerStep
+from image_metrics import mse, ssim
+from settings import SamplingSettings
+
+FINISHED_T = -1  # the t that samplers report for the finished image
+
+
+@dataclass
+class Trajectory:
+    """Every step of one reverse-process run over B images; S = model evaluations + 1 (the finished one).
+
+    timesteps: [S] ints ending with -1; x_t, pred_x0: [S, B, C, H, W] on the CPU, in [-1, 1] scale.
+    metrics: name -> [S, B] array. Always x0_change (MSE between consecutive pred_x0, NaN at the first
+    step); with originals also mse_xt, ssim_xt, mse_x0, ssim_x0 against them ([0, 1] scale).
+    """
+
+    timesteps: list[int]
+    x_t: torch.Tensor
+    pred_x0: torch.Tensor
+    metrics: dict[str, np.ndarray]
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.timesteps) - 1
+
+
+def record_steps(
+    sampler_steps: Iterable[SamplerStep], originals: torch.Tensor | None = None, total: int | None = None
+) -> Trajectory:
+    """Consume a sampler's SamplerSteps, keeping x_t and pred_x0 at each and their metrics."""
+    timesteps, states, predictions = [], [], []
+    for step in tqdm(sampler_steps, total=total, desc="reverse process", leave=False):
+        timesteps.append(step.t)
+        states.append(step.x_t.float().cpu())
+        predictions.append(step.pred_x0.float().cpu())
+    x_t, pred_x0 = torch.stack(states), torch.stack(predictions)
+    metrics = {"x0_change": x0_change(pred_x0)}
+    if originals is not None:
+        originals = originals.cpu()
+        metrics["mse_xt"] = np.stack([mse(state, originals) for state in x_t])
+        metrics["ssim_xt"] = np.stack([ssim(state, originals) for state in x_t])
+        metrics["mse_x0"] = np.stack([mse(prediction, originals) for prediction in pred_x0])
+        metrics["ssim_x0"] = np.stack([ssim(prediction, originals) for prediction in pred_x0])
+    return Trajectory(timesteps, x_t, pred_x0, metrics)
+
+
+def x0_change(pred_x0: torch.Tensor) -> np.ndarray:
+    """MSE ([0, 1] scale) between the predicted x0 at consecutive steps: [S, B, ...] -> [S, B], NaN first."""
+    steps, batch = pred_x0.shape[:2]
+    change = mse(pred_x0[1:].flatten(0, 1), pred_x0[:-1].flatten(0, 1)).reshape(steps - 1, batch)
+    return np.concatenate([np.full((1, batch), np.nan), change])
+
+
+def reconstruction_trajectory(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    originals: torch.Tensor,
+    t: int,
+    sampling: SamplingSettings,
+    generator: torch.Generator | None = None,
+    labels: torch.Tensor | None = None,
+) -> Trajectory:
+    """Noise originals [B, C, H, W] in [-1, 1] to step t (eq. 4), denoise to 0, record every step.
+
+    model is any nn.Module called as model(x_t, t, labels) that predicts what diffusion.prediction says.
+    """
+    sampler_steps = diffusion.reconstruct(
+        model,
+        originals,
+        t,
+        generator=generator,
+        sampler=sampling.sampler,
+        steps=sampling.steps,
+        eta=sampling.eta,
+        labels=labels,
+        guidance=sampling.guidance,
+    )
+    total = len(diffusion.timesteps(sampling.sampler, sampling.steps, t)) + 1
+    return record_steps(sampler_steps, originals, total)
+
+
+def generation_trajectory(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    n: int,
+    image_shape: tuple[int, int, int],
+    sampling: SamplingSettings,
+    generator: torch.Generator | None = None,
+    labels: torch.Tensor | None = None,
+) -> Trajectory:
+    """Sample n images from pure noise at t = T-1 and record every step."""
+    total = len(diffusion.timesteps(sampling.sampler, sampling.steps, diffusion.T - 1)) + 1
+    sampler_steps = diffusion.sample_progressive(
+        model,
+        n,
+        sampler=sampling.sampler,
+        steps=sampling.steps,
+        eta=sampling.eta,
+        generator=generator,
+        labels=labels,
+        guidance=sampling.guidance,
+        image_shape=image_shape,
+    )
+    return record_steps(sampler_steps, None, total)
