@@ -34,6 +34,7 @@ LEGACY_VERSION = 1  # what a checkpoint without a "version" key is read as
 LEGACY_IMAGE_SHAPE = (1, 28, 28)  # version-1 checkpoints recorded no shape: they are all MNIST
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "demo_mnist5k.pt"  # shipped with the repo
+DEMO_CHECKPOINT_SHA256 = "a6c6f6fc33cb9916c1e54da3fe8cf6b135c4db9dc401eb1645571de7bd07665b"
 DEMO_NAME = "demo"
 LAST_NAME = "last.pt"
 EPOCH_PATTERN = re.compile(r"mnist_epoch_(\d+)\.pt$")
@@ -127,8 +128,9 @@ def latest_checkpoint(directory: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
 def resolve_checkpoint(name: str | None, directory: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
     """What --checkpoint names: "demo" is the shipped demo model; None is the newest checkpoint in
     directory, else (with one line saying so) the demo model; anything else a path."""
+    demo = Path(os.path.relpath(DEMO_CHECKPOINT))  # as the user would write it, in reports and notes
     if name == DEMO_NAME:
-        return DEMO_CHECKPOINT
+        return demo
     if name is not None:
         return Path(name)
     try:
@@ -136,8 +138,8 @@ def resolve_checkpoint(name: str | None, directory: str | Path = DEFAULT_CHECKPO
     except CheckpointError:
         if not DEMO_CHECKPOINT.is_file():
             raise
-    note(f"no checkpoint in {directory}/: using the demo model {os.path.relpath(DEMO_CHECKPOINT)}")
-    return DEMO_CHECKPOINT
+    note(f"no checkpoint in {directory}/: using the demo model {demo}")
+    return demo
 
 
 def build_model(config: dict[str, Any]) -> UNet:
