@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def default_classifier_path(data: str, data_dir: str | Path | None) -> Path:
     """The shipped MNIST-5k classifier for MNIST data; else checkpoints/classifier_<data>.pt, trained
     there once by `ensure_classifier` (one file per data set)."""
     if data_dir is None and data in SHIPPED_FOR:
-        return SHIPPED_CLASSIFIER
+        return Path(os.path.relpath(SHIPPED_CLASSIFIER))  # as the user would write it, in reports
     return DEFAULT_CHECKPOINT_DIR / f"classifier_{data_label(data, data_dir)}.pt"
 
 
@@ -284,7 +285,7 @@ def ensure_classifier(
     path = default_classifier_path(data, data_dir)
     if path.is_file():
         return path
-    if path == SHIPPED_CLASSIFIER:
+    if path.resolve() == SHIPPED_CLASSIFIER:
         raise ClassifierError(
             f"the shipped classifier {path} is missing: restore it with `git checkout {path}`"
         )
