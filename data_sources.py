@@ -604,16 +604,11 @@ def load_pixels(
 
 
 def load_images(
-    name: str = "mnist",
-    split: str = "train",
-    data_dir: str | Path | None = None,
-    root: str | Path = DEFAULT_ROOT,
-    image_size: int | tuple[int, int] | None = None,
-    channels: int | None = None,
+    name: str = "mnist", split: str = "train", data_dir: str | Path | None = None, **options: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One split as the model sees it: images [N, C, H, W] float32 in [-1, 1] and labels [N] int64
-    (load_pixels, then to_model_range)."""
-    pixels, labels = load_pixels(name, split, data_dir, root, image_size, channels)
+    (load_pixels with the same arguments: root, image_size, channels; then to_model_range)."""
+    pixels, labels = load_pixels(name, split, data_dir, **options)
     return to_model_range(pixels), labels
 
 

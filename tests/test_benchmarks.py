@@ -11,9 +11,11 @@ import math
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import TINY_UNET_FLAGS
 
 from benchmarks import sampling_speed, steps_vs_quality, throughput, time_to_digits
+from messages import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +37,18 @@ def test_throughput_times_ours_and_the_trainer_step(tmp_path):
     assert results["ours"]["ours_train_speedup"] == 1.0 and results["ours"]["sample_img_per_s"] > 0
     assert results["trainer"]["parameters"] == results["ours"]["parameters"]
     assert results["trainer"]["train_img_per_s"] > 0 and results["trainer"]["sample_img_per_s"] is None
+
+
+def test_throughput_cifar10_preset_times_colour_images(tmp_path):
+    argv = [*TINY_UNET_FLAGS, "--preset", "cifar10", "--networks", "ours", "--batch-size", "2",
+            "--repeats", "1", "--iters", "1", "--warmup", "1", "--device", "cpu",
+            "--json", str(tmp_path / "c.json")]  # fmt: skip
+    run_quietly(throughput.main, argv)
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["environment"]["images"] == "3x32x32" and set(report["results"]) == {"ours"}
+    assert report["results"]["ours"]["train_img_per_s"] > 0
+    with pytest.raises(UserError, match="ours and diffusers only"):
+        throughput.main(["--preset", "cifar10", "--networks", "ours,trainer"])
 
 
 def test_sampling_speed_times_each_batch_size(tiny_checkpoint, tmp_path):
