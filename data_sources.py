@@ -52,6 +52,7 @@ FLIPPED_BY_DEFAULT = ("cifar10", "celeba")  # kinds of data whose --hflip is on 
 SPLITS = ("train", "test")
 NUM_CLASSES = 10  # the most classes a data set may have (the class embedding's and classifier's size)
 MIN_IMAGE_SIDE = 8  # SSIM's 7 x 7 window and the classifier's two 2 x 2 poolings need this much
+MAX_IMAGE_SIDE = 1024  # beyond, whole data sets no longer fit in memory
 DEFAULT_ROOT = Path("data")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_PREFIX = {"train": "train", "test": "t10k"}
@@ -314,11 +315,12 @@ def fit_picture(picture: Image.Image, size: tuple[int, int]) -> Image.Image:
     return picture.resize((width, height), Image.Resampling.BICUBIC, box=box)
 
 
-def read_picture(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, str]:
-    """One image file as RGB pixels [H, W, 3] fitted to size, and its own PIL mode."""
+def read_picture(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray, str]:
+    """One image file as RGB pixels [H, W, 3] fitted to size (None: its own), and its own PIL mode."""
     try:
         with Image.open(path) as picture:
-            return np.asarray(fit_picture(picture.convert("RGB"), size)), picture.mode
+            rgb = picture.convert("RGB")
+            return np.asarray(fit_picture(rgb, size) if size else rgb), picture.mode
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataUnavailableError(f"{path} is not a readable image ({type(error).__name__})") from None
 
@@ -326,11 +328,10 @@ def read_picture(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, str]:
 def read_pictures(paths: list[Path], size: tuple[int, int] | None, channels: int | None) -> torch.Tensor:
     """Image files as pixels [N, C, H, W]: size (height, width) by default the first image's; C by
     default 1 if every file is grey, else 3."""
-    if size is None:
-        with Image.open(paths[0]) as first:
-            size = (first.height, first.width)
+    first = read_picture(paths[0], size)
+    size = first[0].shape[:2]
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        read = list(pool.map(lambda path: read_picture(path, size), paths))
+        read = [first, *pool.map(lambda path: read_picture(path, size), paths[1:])]
     pixels = torch.from_numpy(np.stack([array for array, _ in read])).permute(0, 3, 1, 2).contiguous()
     if channels is None:
         channels = 1 if all(mode in GREY_MODES for _, mode in read) else 3
@@ -522,7 +523,10 @@ def as_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     """--image-size S -> (S, S); a (height, width) pair as it is."""
     if image_size is None:
         return None
-    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if max(size) > MAX_IMAGE_SIDE:
+        raise DataUnavailableError(f"--image-size {max(size)} is too large: at most {MAX_IMAGE_SIDE}")
+    return size
 
 
 def shape_options(image_shape: tuple[int, int, int]) -> dict[str, Any]:

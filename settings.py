@@ -351,13 +351,17 @@ def presets_help() -> str:
     """The --help epilog: each preset's values as flags."""
     lines = ["presets (flags given explicitly override them):"]
     for name, values in PRESETS.items():
-        flags = " ".join(f"--{key.replace('_', '-')} {_flag_text(value)}" for key, value in values.items())
+        flags = " ".join(_flag_text(key, value) for key, value in values.items())
         lines.append(f"  {name}: {flags or 'the defaults above'}")
     return "\n".join(lines)
 
 
-def _flag_text(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+def _flag_text(key: str, value: Any) -> str:
+    """A preset's value as it would be typed: --key value, --key / --no-key for booleans."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} " + (",".join(map(str, value)) if isinstance(value, tuple) else str(value))
 
 
 @dataclass(frozen=True)

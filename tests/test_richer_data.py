@@ -137,6 +137,8 @@ def test_image_folder_classes_sizes_and_channels(tmp_path):
     assert pixels.shape == (6, 3, 40, 36) and labels.tolist() == [0, 0, 0, 1, 1, 1]  # first image's size
     square, _ = load_pixels(data_dir=folder, image_size=20, channels=1)
     assert square.shape == (6, 1, 20, 20)
+    with pytest.raises(DataUnavailableError, match="--image-size 5000 is too large"):
+        load_pixels(data_dir=folder, image_size=5000)
     grey = tmp_path / "grey"
     grey.mkdir()
     for index in range(2):
@@ -260,8 +262,8 @@ def broken_other(root: Path, case: str) -> str:
         return str(root)
     if case == "corrupt png":
         png_folder(root, per_class=2)
-        (root / "discs" / "01.png").write_bytes(b"\x89PNG not really")
-        return "01.png"
+        (root / "discs" / "00.png").write_bytes(b"\x89PNG not really")  # the first file
+        return "00.png"
     folder = cifar_archive(root)  # a batch whose pickle asks to run a program
     (folder / "data_batch_3").write_bytes(pickle.dumps(os.system))
     return "data_batch_3"
