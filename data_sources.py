@@ -52,7 +52,7 @@ FLIPPED_BY_DEFAULT = ("cifar10", "celeba")  # kinds of data whose --hflip is on 
 SPLITS = ("train", "test")
 NUM_CLASSES = 10  # the most classes a data set may have (the class embedding's and classifier's size)
 MIN_IMAGE_SIDE = 8  # SSIM's 7 x 7 window and the classifier's two 2 x 2 poolings need this much
-MAX_IMAGE_SIDE = 1024  # beyond, whole data sets no longer fit in memory
+MAX_IMAGE_SIDE = 512  # twice the largest of Ho et al. (256); whole data sets in memory must fit
 DEFAULT_ROOT = Path("data")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_PREFIX = {"train": "train", "test": "t10k"}
@@ -330,6 +330,7 @@ def read_pictures(paths: list[Path], size: tuple[int, int] | None, channels: int
     default 1 if every file is grey, else 3."""
     first = read_picture(paths[0], size)
     size = first[0].shape[:2]
+    check_side(size, paths[0])
     with ThreadPoolExecutor(READ_THREADS) as pool:
         read = [first, *pool.map(lambda path: read_picture(path, size), paths[1:])]
     pixels = torch.from_numpy(np.stack([array for array, _ in read])).permute(0, 3, 1, 2).contiguous()
@@ -524,9 +525,17 @@ def as_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     if image_size is None:
         return None
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if max(size) > MAX_IMAGE_SIDE:
-        raise DataUnavailableError(f"--image-size {max(size)} is too large: at most {MAX_IMAGE_SIDE}")
+    check_side(size, "--image-size")
     return size
+
+
+def check_side(size: tuple[int, ...], source: str | Path) -> None:
+    """Images of size (height, width) must have sides in [MIN_IMAGE_SIDE, MAX_IMAGE_SIDE]."""
+    if not MIN_IMAGE_SIDE <= min(size) <= max(size) <= MAX_IMAGE_SIDE:
+        raise DataUnavailableError(
+            f"{source}: images of {'x'.join(map(str, size))} pixels; this code takes sides from "
+            f"{MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} (pass --image-size)"
+        )
 
 
 def shape_options(image_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -599,11 +608,9 @@ def load_pixels(
     if size is not None:
         pixels = resize_pixels(pixels, size)
     source = data_dir if data_dir is not None else name
-    if len(pixels) == 0 or min(pixels.shape[-2:]) < MIN_IMAGE_SIDE:
-        raise DataUnavailableError(
-            f"{source}: {len(pixels)} images of {'x'.join(map(str, pixels.shape[-2:]))} pixels; this code "
-            f"needs at least one, of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (pass --image-size)"
-        )
+    if len(pixels) == 0:
+        raise DataUnavailableError(f"{source} has no {split} images")
+    check_side(tuple(pixels.shape[-2:]), source)
     return pixels, labels
 
 

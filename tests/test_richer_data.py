@@ -137,7 +137,9 @@ def test_image_folder_classes_sizes_and_channels(tmp_path):
     assert pixels.shape == (6, 3, 40, 36) and labels.tolist() == [0, 0, 0, 1, 1, 1]  # first image's size
     square, _ = load_pixels(data_dir=folder, image_size=20, channels=1)
     assert square.shape == (6, 1, 20, 20)
-    with pytest.raises(DataUnavailableError, match="--image-size 5000 is too large"):
+    with pytest.raises(
+        DataUnavailableError, match="--image-size: images of 5000x5000 pixels; this code takes"
+    ):
         load_pixels(data_dir=folder, image_size=5000)
     grey = tmp_path / "grey"
     grey.mkdir()
@@ -237,6 +239,9 @@ def broken_idx(root: Path, case: str) -> str:
         images.write_bytes(gzip.decompress(images.read_bytes()))
     elif case == "damaged gzip":
         images.write_bytes(images.read_bytes()[:40])
+    elif case == "images too small":
+        idx_folder(root, side=5)
+        return str(root)
     elif case == "only test split":
         for path in root.glob("train-*"):
             path.unlink()
@@ -252,6 +257,7 @@ BROKEN = {
     "not gzip": "is not a gzip file",
     "damaged gzip": "is a damaged gzip file",
     "only test split": "holds only the test split",
+    "images too small": "images of 5x5 pixels; this code takes sides from 8",
 }
 
 
