@@ -18,6 +18,7 @@ import torch
 from conftest import TINY_UNET_FLAGS
 from PIL import Image
 
+import classifier
 import data_sources
 import eval_MNIST
 import vizu_MNIST
@@ -190,6 +191,7 @@ def made_data(kind: str, root: Path) -> tuple[list[str], tuple[int, int, int]]:
 @pytest.mark.parametrize("kind", ["cifar", "pngs", "idx"])
 def test_train_resume_evaluate_and_draw_at_the_data_shape(kind, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the classifier eval trains once goes to ./checkpoints
+    monkeypatch.setattr(classifier, "MIN_STEPS", 10)  # its plumbing, not its accuracy, is tested here
     data_flags, shape = made_data(kind, tmp_path)
     run = ["--out-dir", str(tmp_path / "run"), *TINY_TRAINING, *data_flags]
     train_main([*run, "--max-steps", "2"])
