@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny U-Net config and a tiny checkpoint trained for a few seconds on MNIST-5k."""
+"""Shared fixtures: a tiny U-Net config and a tiny checkpoint trained for a few seconds on MNIST-5k
+(its EMA weights are the trained ones, its raw weights a broken copy)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ TINY_MODEL_CONFIG = {
     "attention_resolutions": (),
     "dropout": 0.0,
     "num_classes": None,
+    "scale_shift_norm": True,
 }
 TINY_TRAINING_STEPS = 200
 TINY_UNET_FLAGS = [
@@ -43,6 +45,14 @@ TINY_UNET_FLAGS = [
 @pytest.fixture(scope="session")
 def mnist_5k_test() -> tuple[torch.Tensor, torch.Tensor]:
     return load_images("mnist-5k", "test")
+
+
+def broken_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights with N(0, 0.3^2) noise added to each: a network whose predictions are useless."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        key: value + 0.3 * torch.randn(value.shape, generator=generator) for key, value in weights.items()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +81,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         {
             "version": CHECKPOINT_VERSION,
             "config": config,
-            "model": weights,
+            "model": broken_copy(weights),  # so that a test fails if the raw weights are used by mistake
             "ema": weights,
             "epoch": 1,
             "step": TINY_TRAINING_STEPS,
