@@ -242,10 +242,11 @@ def test_kid_subsets_are_smaller_than_the_sets(evaluation):
 
 
 def test_baselines_bracket_the_generated_samples(evaluation):
+    """The tiny model's blurry digits lie between real training digits (floor) and uniform noise."""
     metrics = evaluation["report"]["metrics"]
     floor = metrics["floor"]["classifier"]["fid"]
     ceiling = metrics["ceiling"]["classifier"]["fid"]
-    assert floor < ceiling
+    assert floor < metrics["generated"]["classifier"]["fid"] < ceiling
     assert metrics["floor"]["classifier"]["num_images"] == NUM_SAMPLES
 
 
@@ -272,6 +273,23 @@ def test_sample_grid_is_written_beside_the_json(evaluation):
     assert evaluation["report"]["outputs"]["samples_png"] == str(grid)
     rows = NUM_SAMPLES // evaluation_module.GRID_COLUMNS
     assert Image.open(grid).size == (2 * (10 * 30 + 2), 2 * (rows * 30 + 2))  # 28 px + 2 px padding, x2
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", 100), ("dpm++2m", 50)])
+def test_ddpm_and_dpm_solver_evaluate_and_reconstruct(sampler, steps, tiny_checkpoint, tmp_path):
+    """Both samplers run through eval: the report records each one's model evaluations (DDPM: all
+    T = 100; DPM-Solver++: the default 50), and from t = 5 they keep the digit, from T-1 they cannot."""
+    json_path = tmp_path / "report.json"
+    run_eval(["--checkpoint", str(tiny_checkpoint), "--metrics", "recon", "--sampler", sampler,
+              "--num-samples", "10", "--recon-t", "5,99", "--num-recon", "8", "--json", str(json_path),
+              "--device", "cpu"])  # fmt: skip
+    report = json.loads(json_path.read_text())
+    assert (report["provenance"]["sampling"]["sampler"], report["provenance"]["sampling"]["steps"]) == (
+        sampler,
+        steps,
+    )
+    per_t = report["metrics"]["reconstruction"]["per_t"]
+    assert per_t["5"]["ssim_mean"] > per_t["99"]["ssim_mean"] + 0.3
 
 
 def test_sampling_is_reproducible_with_the_seed(tiny_checkpoint):
