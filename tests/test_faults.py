@@ -1,0 +1,250 @@
+"""Under faults nothing is lost: a full or failing disk while saving, two runs on one folder, old and
+foreign checkpoints, a gradient or weights that turn non-finite, a resume on another process count.
+
+Tiny runs of train_MNIST.py in-process (8-channel U-Net, T = 20, 48 digits = 3 steps per epoch);
+the lock test starts one real training process beside the test's own.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_TRAIN_FLAGS, tiny_train_argv
+
+from checkpointing import (
+    CHECKPOINT_VERSION,
+    LEGACY_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from cli import run_cli
+from folder_lock import LOCK_NAME, read_holder
+from output_files import OutputError
+from train_MNIST import main
+from trainer import TrainingLog
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_error_line(argv: list[str], capsys) -> str:
+    """Run train_MNIST.py argv in-process; it must exit 2 with one `error:` line, returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def temp_files(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if path.name.endswith(".tmp"))
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_train_data, tmp_path_factory) -> Path:
+    """A finished 1-epoch run (3 steps): last.pt and mnist_epoch_01.pt."""
+    out_dir = tmp_path_factory.mktemp("one_epoch")
+    main(tiny_train_argv(tiny_train_data, out_dir, "--epochs", "1", "--save-every", "1"))
+    return out_dir
+
+
+# ----- a full or failing disk while saving -------------------------------------------------------
+
+
+def fail_on_checkpoints(monkeypatch, stage: str) -> str:
+    """Make the `stage` of writing a .pt file fail as a full, broken or read-only disk would; the
+    error's text is returned. Other files (train_log.csv) are written normally."""
+    is_checkpoint = lambda name: ".pt." in os.path.basename(str(name))  # noqa: E731  a temp .last.pt.XXX.tmp
+    if stage == "write":  # a stand-in torch.save: half the bytes reach the disk, then it is full
+
+        def fake(state, target, *args, **kwargs):
+            Path(target).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(torch, "save", fake)
+        return os.strerror(errno.ENOSPC)
+    original = {"sync": os.fsync, "rename": os.replace, "create": tempfile.mkstemp}[stage]
+    code = {"sync": errno.EIO, "rename": errno.EROFS, "create": errno.EROFS}[stage]
+
+    def failing(*args, **kwargs):
+        names = (
+            [os.readlink(f"/proc/self/fd/{args[0]}")] if stage == "sync" else [*args, kwargs.get("prefix")]
+        )
+        if any(is_checkpoint(name) or str(name).startswith(".last.pt") for name in names):
+            raise OSError(code, os.strerror(code))
+        return original(*args, **kwargs)
+
+    target = {"sync": (os, "fsync"), "rename": (os, "replace"), "create": (tempfile, "mkstemp")}[stage]
+    monkeypatch.setattr(*target, failing)
+    return os.strerror(code)
+
+
+@pytest.mark.parametrize("stage", ["create", "write", "sync", "rename"])
+def test_a_failing_disk_stops_the_run_and_keeps_every_checkpoint(
+    stage, one_epoch_run, tiny_train_data, tmp_path, monkeypatch, capsys
+):
+    """The epoch-2 save fails at one stage (temp file in a folder turned read-only, ENOSPC while
+    writing, EIO at fsync, EROFS at the rename): one line naming last.pt and the error, last.pt and
+    mnist_epoch_01.pt unchanged and loadable, no temp file, no mnist_epoch_02.pt."""
+    out_dir = tmp_path / "run"
+    shutil.copytree(one_epoch_run, out_dir)
+    before = {name: (out_dir / name).read_bytes() for name in ("last.pt", "mnist_epoch_01.pt")}
+    message = fail_on_checkpoints(monkeypatch, stage)
+    argv = tiny_train_argv(tiny_train_data, out_dir, "--epochs", "2", "--resume", "latest")
+    line = one_error_line(argv, capsys)
+    monkeypatch.undo()
+    assert f"cannot write {out_dir / 'last.pt'}: {message}" in line and "training stopped at step 6" in line
+    for name, data in before.items():
+        assert (out_dir / name).read_bytes() == data
+        assert load_checkpoint(out_dir / name)["step"] == 3
+    assert temp_files(out_dir) == [] and not (out_dir / "mnist_epoch_02.pt").exists()
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path):
+    """A failing write of train_log.csv is an OutputError naming the file, not a traceback."""
+    log_file = tmp_path / "train_log.csv"
+
+    class FullFile:
+        name = str(log_file)
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    log = TrainingLog.__new__(TrainingLog)
+    log.file = FullFile()
+    with pytest.raises(OutputError, match=f"cannot write {log_file}: No space left on device"):
+        log.write_row((1, "0.1"))
+
+
+# ----- one run per folder -------------------------------------------------------------------------
+
+
+def wait_for_lock(path: Path, process: subprocess.Popen, seconds: float = 90) -> dict:
+    deadline = time.monotonic() + seconds
+    while not (path.is_file() and read_holder(path).get("pid") == process.pid):
+        assert process.poll() is None and time.monotonic() < deadline, "the first run did not start"
+        time.sleep(0.1)
+    return read_holder(path)
+
+
+def test_a_second_run_on_a_folder_is_refused_and_a_killed_runs_lock_taken_over(
+    tiny_train_data, tmp_path, capsys
+):
+    """A real training process holds out/train.lock: a new run and a resume in the same folder each
+    stop with one line naming its pid and host. After kill -9 the lock is stale: a resume takes it
+    over with one line, removes a temp file the killed writer left, and trains."""
+    out_dir = tmp_path / "out"
+    long_run = [*TINY_TRAIN_FLAGS, "--data", "mnist-5k", "--epochs", "50", "--out-dir", str(out_dir)]
+    first = subprocess.Popen(
+        [sys.executable, str(REPO / "train_MNIST.py"), *long_run],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        holder = wait_for_lock(out_dir / LOCK_NAME, first)
+        for extra in ([], ["--resume", "latest"]):
+            line = one_error_line(
+                tiny_train_argv(tiny_train_data, out_dir, "--max-steps", "1", *extra), capsys
+            )
+            assert f"is in use by train_MNIST.py pid {first.pid} on {holder['host']}" in line
+    finally:
+        first.kill()
+        first.wait()
+    assert (out_dir / LOCK_NAME).is_file()  # kill -9 leaves it behind
+    (out_dir / ".last.pt.killed.tmp").write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    main(tiny_train_argv(tiny_train_data, out_dir, "--max-steps", "1", "--resume", "latest"))
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert f"took over {out_dir / LOCK_NAME} from train_MNIST.py pid {first.pid}" in notes[0]
+    assert "which no longer runs" in notes[0] and "removed 1 temp file(s)" in notes[1]
+    assert load_checkpoint(out_dir / "last.pt")["step"] == 1
+    assert not (out_dir / LOCK_NAME).exists() and temp_files(out_dir) == []  # released at the end
+
+
+# ----- checkpoints across versions ----------------------------------------------------------------
+
+
+def test_checkpoint_versions_and_missing_keys(one_epoch_run, tmp_path):
+    """No version (written before versions existed) loads as version 1; a newer one, or one missing a
+    key this code needs, is one line saying which."""
+    checkpoint = load_checkpoint(one_epoch_run / "last.pt")
+    assert checkpoint["version"] == CHECKPOINT_VERSION
+    cases = {
+        "legacy": ({k: v for k, v in checkpoint.items() if k != "version"}, None),
+        "newer": (
+            checkpoint | {"version": CHECKPOINT_VERSION + 1},
+            f"format version {CHECKPOINT_VERSION + 1}",
+        ),
+        "no config": ({k: v for k, v in checkpoint.items() if k != "config"}, "(no config)"),
+        "no weights": ({k: v for k, v in checkpoint.items() if k not in ("model", "ema")}, "no model or ema"),
+        "no diffusion": (
+            checkpoint | {"config": {k: v for k, v in checkpoint["config"].items() if k != "diffusion"}},
+            "no config['diffusion']",
+        ),
+    }
+    for name, (contents, message) in cases.items():
+        save_checkpoint(contents, tmp_path / f"{name}.pt")
+        if message is None:
+            assert load_checkpoint(tmp_path / f"{name}.pt")["version"] == LEGACY_VERSION
+            continue
+        with pytest.raises(CheckpointError, match=re.escape(message)) as error:
+            load_checkpoint(tmp_path / f"{name}.pt")
+        assert len(str(error.value).splitlines()) == 1, name
+
+
+# ----- non-finite gradients and weights; another process count ------------------------------------
+
+
+def inject_inf_gradient(monkeypatch, at_call: int) -> None:
+    """An inf in one gradient at the at_call-th clip (a finite loss): clipping turns every gradient
+    into NaN or 0 and AdamW writes NaN into the weights."""
+    original, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        calls.append(1)
+        if len(calls) == at_call:
+            parameters[0].grad.view(-1)[0] = float("inf")
+        return original(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+
+
+def test_an_infinite_gradient_at_an_epoch_end_saves_nothing(tiny_train_data, tmp_path, monkeypatch, capsys):
+    """Issue 18 point 9: an inf gradient at the last step of epoch 1 stops the run before last.pt."""
+    inject_inf_gradient(monkeypatch, at_call=3)
+    line = one_error_line(tiny_train_argv(tiny_train_data, tmp_path, "--epochs", "2"), capsys)
+    assert line.startswith("error: gradient norm became inf at step 3: training stopped")
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_non_finite_weights_are_never_saved(tiny_train_data, tmp_path, monkeypatch, capsys):
+    """With the loss and gradient checks out of the way, the check before every save still refuses
+    NaN weights."""
+    inject_inf_gradient(monkeypatch, at_call=3)
+    monkeypatch.setattr(TrainingLog, "stop_if_diverged", lambda self, values, step, check_gradients: None)
+    line = one_error_line(tiny_train_argv(tiny_train_data, tmp_path, "--epochs", "2"), capsys)
+    assert line.startswith("error: weights became NaN or infinite by step 3")
+    assert not list(tmp_path.glob("*.pt"))
+
+
+def test_a_resume_on_another_process_count_is_refused(one_epoch_run, tiny_train_data, tmp_path, capsys):
+    """A checkpoint of 2 processes (two RNG states) resumed by 1 is one line, not a changed schedule."""
+    out_dir = tmp_path / "run"
+    shutil.copytree(one_epoch_run, out_dir)
+    checkpoint = load_checkpoint(out_dir / "last.pt")
+    save_checkpoint(checkpoint | {"rng": checkpoint["rng"] * 2}, out_dir / "last.pt")
+    argv = tiny_train_argv(tiny_train_data, out_dir, "--epochs", "2", "--resume", "latest")
+    line = one_error_line(argv, capsys)
+    assert "was written by 2 process(es), this run has 1: resume it with 2" in line
