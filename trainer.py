@@ -83,8 +83,8 @@ class TrainingDiverged(UserError):
 
 
 class TrainingResult(NamedTuple):
-    """Where a run ended: its folder, position, and what stopped it ("epochs", "max_steps",
-    "max_minutes", or a signal's name such as "SIGTERM")."""
+    """Where a run ended: its folder, position, what stopped it ("epochs", "max_steps",
+    "max_minutes", or a signal's name such as "SIGTERM"), and whether this process saved it."""
 
     out_dir: Path
     step: int
@@ -92,6 +92,7 @@ class TrainingResult(NamedTuple):
     batch_in_epoch: int
     stopped_by: str
     signal_number: int | None
+    is_main: bool = True  # rank 0 (the one that saved), or the only process
 
 
 # ----- processes ----------------------------------------------------------------------------------
@@ -723,5 +724,11 @@ def train_on(job: TrainingJob, processes: Processes, out_dir: Path) -> TrainingR
         stopped_by = signal.Signals(run.signal_number).name
     state = run.state
     return TrainingResult(
-        run.out_dir, state.step, state.epoch, state.batch_in_epoch, stopped_by, run.signal_number
+        run.out_dir,
+        state.step,
+        state.epoch,
+        state.batch_in_epoch,
+        stopped_by,
+        run.signal_number,
+        processes.is_main,
     )

@@ -207,29 +207,87 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_last_checkpoint(
     assert logged_steps(tmp_path) == [3]
 
 
-def test_torchrun_two_cpu_processes(tmp_path):
-    """torchrun, gloo, 2 processes: the loss falls, both ranks end with identical weights (checked by
-    the trainer's SHA-256 comparison), rank 0 alone writes one checkpoint, and it loads for inference."""
-    command = [
+def torchrun_command(out_dir: Path, *extra: str) -> list[str]:
+    """2 CPU processes (gloo) of the tiny run on MNIST-5k (156 steps per epoch)."""
+    return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(REPO / "train_MNIST.py"), *TINY_RUN, "--data", "mnist-5k", "--device", "cpu",
-        "--lr", "2e-3", "--warmup-steps", "0", "--max-steps", "12", "--out-dir", str(tmp_path),
+        "--lr", "2e-3", "--warmup-steps", "0", "--out-dir", str(out_dir), *extra,
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def torchrun_12_steps(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out_dir = tmp_path_factory.mktemp("torchrun")
     result = subprocess.run(
-        command, cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300
-    )
+        torchrun_command(out_dir, "--max-steps", "12"),
+        cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return result, out_dir
+
+
+def test_torchrun_two_cpu_processes(torchrun_12_steps):
+    """torchrun, gloo, 2 processes: the loss falls, both ranks end with identical weights (checked by
+    the trainer's SHA-256 comparison), rank 0 alone writes one checkpoint, and it loads for inference."""
+    result, out_dir = torchrun_12_steps
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the 2 processes end with identical weights" in result.stdout
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
+    assert sorted(path.name for path in out_dir.iterdir()) == [
         "last.pt", "loss.png", "samples_step_000012.png", "train_log.csv"
     ]  # fmt: skip
-    with (tmp_path / "train_log.csv").open(newline="") as log_file:
+    with (out_dir / "train_log.csv").open(newline="") as log_file:
         losses = [float(row["loss"]) for row in csv.DictReader(log_file)]
     assert len(losses) == 12 and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
-    model, _, checkpoint = load_for_inference(tmp_path / "last.pt", torch.device("cpu"))
+    model, _, checkpoint = load_for_inference(out_dir / "last.pt", torch.device("cpu"))
     assert checkpoint["step"] == 12 and not any(key.startswith("module.") for key in checkpoint["model"])
     assert len(checkpoint["rng"]) == 2  # each rank's own random stream
     assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+
+
+def worker_of_rank(agent: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=rank (Linux /proc)."""
+    for _ in range(600):
+        children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+        for pid in children:
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environment:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError("no torchrun worker found")
+
+
+def test_sigterm_to_one_rank_stops_both_and_resumes_bit_exact(torchrun_12_steps, tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop at the same step (a signal to any rank stops them all
+    within a step), rank 0 saves last.pt once; resuming it with torchrun to step 12 is bit-identical
+    to the 12 steps straight."""
+    out_dir = tmp_path / "interrupted"
+    agent = subprocess.Popen(
+        torchrun_command(out_dir, "--max-steps", "12"),
+        cwd=REPO, env=ONE_THREAD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    rank_1 = worker_of_rank(agent, 1)
+    deadline = time.monotonic() + 120
+    while not ((out_dir / "train_log.csv").is_file() and len(logged_steps(out_dir)) >= 2):
+        assert agent.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    os.kill(rank_1, signal.SIGTERM)
+    stdout, stderr = agent.communicate(timeout=120)
+    assert agent.returncode != 0  # both workers exit with 143
+    saved = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert len(saved) == 1 and "saved" in saved[0], stdout + stderr[-2000:]
+    stopped = load_checkpoint(out_dir / "last.pt")
+    assert 2 <= stopped["step"] < 12 and f"at step {stopped['step']} " in saved[0]
+    assert sorted(path.name for path in out_dir.iterdir()) == ["last.pt", "loss.png", "train_log.csv"]
+
+    resumed = subprocess.run(
+        torchrun_command(out_dir, "--max-steps", "12", "--resume", "latest"),
+        cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = load_checkpoint(torchrun_12_steps[1] / "last.pt")
+    final = load_checkpoint(out_dir / "last.pt")
+    assert_same_training_state(straight, final)
+    assert torch.equal(straight["rng"][1]["torch"], final["rng"][1]["torch"])
 
 
 @pytest.fixture(scope="module")
