@@ -312,7 +312,7 @@ def bad_input_cases(tiny_data: Path, finished_run: Path, tmp_path: Path) -> dict
         "zero epochs": ([*fresh, "--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
         "negative batch": ([*fresh, "--batch-size", "-8"], "argument --batch-size: must be a positive"),
         "zero lr": ([*fresh, "--lr", "0"], "argument --lr: must be a positive number, got 0"),
-        "T below 2": ([*fresh, "--T", "1"], "argument --T: must be at least 2, got 1"),
+        "T below 2": ([*fresh, "--T", "1"], "argument --T: must be an integer in [2, 100000], got 1"),
         "unknown data": ([*fresh, "--data", "imagenet"], "argument --data: invalid choice: 'imagenet'"),
         "compile mode alone": (
             [*fresh, "--compile-mode", "reduce-overhead"],
