@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+import data_sources  # noqa: E402
 from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
 from data_sources import load_images, write_idx  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
@@ -108,3 +110,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         path,
     )
     return path
+
+
+_load_images_once = functools.cache(data_sources.load_images)
+
+
+@pytest.fixture
+def read_data_once(monkeypatch):
+    """eval and vizu read each data split once per session (3 s per MNIST-5k read on a busy machine)."""
+    import evaluation
+    import visualisation
+
+    for module in (evaluation, visualisation):
+        monkeypatch.setattr(module, "load_images", _load_images_once)

@@ -248,3 +248,87 @@ def test_a_resume_on_another_process_count_is_refused(one_epoch_run, tiny_train_
     argv = tiny_train_argv(tiny_train_data, out_dir, "--epochs", "2", "--resume", "latest")
     line = one_error_line(argv, capsys)
     assert "was written by 2 process(es), this run has 1: resume it with 2" in line
+
+
+# ----- outputs written whole ----------------------------------------------------------------------
+
+
+class KilledMidway:
+    """A file opened for writing that dies (KeyboardInterrupt, as a kill would stop the process)
+    once `limit` bytes are on disk: the real file keeps exactly the half written so far."""
+
+    def __init__(self, real, limit: int):
+        self.real, self.limit, self.written = real, limit, 0
+
+    def write(self, data) -> int:
+        room = self.limit - self.written
+        if len(data) >= room:
+            self.real.write(data[:room])
+            self.real.flush()
+            raise KeyboardInterrupt
+        self.written += len(data)
+        return self.real.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.real.close()
+
+
+def kill_while_writing(monkeypatch, name: str, limit: int = 200) -> None:
+    """The first write of a file whose name ends with `name` (or of its temp file) dies midway, by
+    whichever library writes it (PIL, matplotlib, csv, json): every open() goes through here."""
+    import builtins
+    import io
+
+    original = io.open
+
+    def open_that_dies(file, mode="r", *args, **kwargs):
+        handle = original(file, mode, *args, **kwargs)
+        base = os.path.basename(str(file))
+        if any(flag in mode for flag in "wax") and (base.endswith(name) or f"{name}." in base):
+            return KilledMidway(handle, limit)
+        return handle
+
+    monkeypatch.setattr(builtins, "open", open_that_dies)
+    monkeypatch.setattr(io, "open", open_that_dies)
+
+
+@pytest.mark.parametrize("name", ["original.png", "metrics.csv", "reverse.gif", "curves.png"])
+def test_a_kill_while_vizu_writes_leaves_the_old_file(
+    name, tiny_checkpoint, tmp_path, monkeypatch, read_data_once
+):
+    """vizu's PNG, CSV, GIF and matplotlib outputs: killed in the middle of writing one of them, the
+    file from the run before is still there byte for byte, and no temp file is left."""
+    import vizu_MNIST
+
+    argv = ["--checkpoint", str(tiny_checkpoint), "--t", "5", "--sampler", "ddim", "--steps", "2",
+            "--num-images", "1", "--gif-frames", "2", "--out-dir", str(tmp_path)]  # fmt: skip
+    vizu_MNIST.main(argv)
+    before = (tmp_path / name).read_bytes()
+    assert len(before) > 200
+    kill_while_writing(monkeypatch, name)
+    with pytest.raises(KeyboardInterrupt):
+        vizu_MNIST.main([*argv, "--seed", "1"])
+    monkeypatch.undo()
+    assert (tmp_path / name).read_bytes() == before and temp_files(tmp_path) == []
+
+
+def test_a_kill_while_eval_writes_its_report_leaves_none(
+    tiny_checkpoint, tmp_path, monkeypatch, read_data_once
+):
+    """eval's JSON report, killed midway on its first write: no report at all, and no temp file."""
+    import eval_MNIST
+
+    kill_while_writing(monkeypatch, "report.json", limit=50)
+    with pytest.raises(KeyboardInterrupt):
+        eval_MNIST.main(["--checkpoint", str(tiny_checkpoint), "--num-samples", "2", "--metrics", "recon",
+                         "--num-recon", "2", "--recon-t", "5", "--steps", "2", "--device", "cpu",
+                         "--json", str(tmp_path / "report.json")])  # fmt: skip
+    monkeypatch.undo()
+    assert (tmp_path / "report_samples.png").is_file()  # written before the report
+    assert not (tmp_path / "report.json").exists() and temp_files(tmp_path) == []

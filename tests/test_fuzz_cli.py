@@ -16,21 +16,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import io
 import random
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import tiny_train_argv
 
-import data_sources
 import eval_MNIST
-import evaluation
 import train_MNIST
 import trainer
-import visualisation
 import vizu_MNIST
 from cli import run_cli
 from settings import (
@@ -149,11 +144,8 @@ def outcome(script: str, argv: list[str]) -> tuple[int, str]:
 
 
 def test_fuzzed_command_lines_work_or_give_one_error_line(
-    tiny_train_data, tiny_checkpoint, tmp_path, monkeypatch
+    tiny_train_data, tiny_checkpoint, tmp_path, monkeypatch, read_data_once
 ):
-    cached_load_images = functools.cache(data_sources.load_images)  # 3 s per MNIST-5k read on a busy box
-    for module in (evaluation, visualisation):
-        monkeypatch.setattr(module, "load_images", cached_load_images)
     monkeypatch.setattr(trainer.Run, "save_samples", lambda self, name: None)
     monkeypatch.setattr(trainer.Run, "plot_loss", lambda self: None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no InceptionV3 weights: one note
