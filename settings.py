@@ -226,7 +226,10 @@ class EvaluationSettings(Settings):
     batch_size: int = setting(250, "images per sampler / feature batch", positive_int)
     seed: int = setting(0, "seed of the sampling noise, image subsets and KID subsets", seed_number)
     metrics: tuple[str, ...] = setting(
-        METRICS, "comma-separated subset of " + ", ".join(METRICS), metric_names
+        METRICS,
+        "comma-separated subset of " + ", ".join(METRICS) + " (cas: class-conditional checkpoints only; "
+        "the default skips it for others)",
+        metric_names,
     )
     inception_weights: str | None = setting(None, "local copy of torch-fidelity's InceptionV3 weights")
     classifier: str | None = setting(

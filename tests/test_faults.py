@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN_FLAGS, tiny_train_argv
+from conftest import TINY_MODEL_CONFIG, TINY_TRAIN_FLAGS, tiny_train_argv
 
 from checkpointing import (
     CHECKPOINT_VERSION,
     LEGACY_VERSION,
     CheckpointError,
+    build_model,
     load_checkpoint,
     save_checkpoint,
 )
@@ -332,3 +333,61 @@ def test_a_kill_while_eval_writes_its_report_leaves_none(
     monkeypatch.undo()
     assert (tmp_path / "report_samples.png").is_file()  # written before the report
     assert not (tmp_path / "report.json").exists() and temp_files(tmp_path) == []
+
+
+# ----- class-conditional checkpoints and scripts that need labels, or the reverse -----------------
+
+
+@pytest.fixture(scope="module")
+def conditional_checkpoint(tmp_path_factory) -> Path:
+    """An untrained class-conditional tiny U-Net (T = 20): enough for what the scripts refuse or use."""
+    config = {
+        "model": {**TINY_MODEL_CONFIG, "num_classes": 10},
+        "image_shape": [1, 28, 28],
+        "diffusion": {"T": 20, "schedule": "cosine", "prediction": "eps"},
+        "data": "mnist-5k",
+    }
+    path = tmp_path_factory.mktemp("conditional") / "conditional.pt"
+    weights = build_model(config).state_dict()
+    save_checkpoint({"version": CHECKPOINT_VERSION, "config": config, "ema": weights}, path)
+    return path
+
+
+def test_labels_and_conditioning_that_do_not_fit_are_one_line(
+    tiny_checkpoint, conditional_checkpoint, one_epoch_run, tiny_train_data, tmp_path, capsys, read_data_once
+):
+    """An unconditional checkpoint with eval --metrics cas or --guidance, or vizu --label; a
+    class-conditional one with a label it does not have; a resume that adds --class-cond."""
+    import eval_MNIST
+    import vizu_MNIST
+
+    evaluate = ["--num-samples", "10", "--json", str(tmp_path / "r.json"), "--device", "cpu"]
+    show = ["--t", "5", "--out-dir", str(tmp_path / "vizu")]
+    cases = [
+        (eval_MNIST.main, ["--checkpoint", str(tiny_checkpoint), "--metrics", "cas,recon", *evaluate],
+         "--metrics cas needs a class-conditional checkpoint; this one is unconditional"),
+        (eval_MNIST.main, ["--checkpoint", str(tiny_checkpoint), "--guidance", "2", *evaluate],
+         "--guidance needs a class-conditional checkpoint"),
+        (vizu_MNIST.main, ["--checkpoint", str(tiny_checkpoint), "--label", "3", *show],
+         "--label and --guidance need a class-conditional checkpoint"),
+        (vizu_MNIST.main, ["--checkpoint", str(conditional_checkpoint), "--label", "10", *show],
+         "--label must be in [0, 9], got 10"),
+        (main, tiny_train_argv(tiny_train_data, one_epoch_run, "--resume", "latest", "--class-cond"),
+         "num_classes None there, 10 here"),
+    ]  # fmt: skip
+    for script, argv, message in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: script(argv))  # noqa: B023
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], (argv, errors)
+
+
+def test_a_class_conditional_checkpoint_draws_the_label_asked_for(conditional_checkpoint, tmp_path):
+    """vizu --generate --label 7 on a class-conditional checkpoint: used, not refused."""
+    import vizu_MNIST
+
+    vizu_MNIST.main(["--checkpoint", str(conditional_checkpoint), "--generate", "--label", "7",
+                     "--num-images", "2", "--sampler", "ddim", "--steps", "2", "--gif-frames", "2",
+                     "--out-dir", str(tmp_path)])  # fmt: skip
+    assert (tmp_path / "generated.png").is_file()
