@@ -217,8 +217,8 @@ def fidelity_metrics(candidate: ImageSet, extractor: Extractor, comparison: Comp
     reference = comparison.reference
     if len(candidate.images) <= PRC_NEIGHBOURHOOD:
         raise UserError(
-            f"precision/recall need at least {PRC_NEIGHBOURHOOD + 1} images per set, got {len(candidate.images)}: "
-            "raise --num-samples"
+            f"precision/recall need at least {PRC_NEIGHBOURHOOD + 1} images per set, "
+            f"got {len(candidate.images)}: raise --num-samples"
         )
     subset_size = kid_subset_size(len(candidate.images), len(reference.images))
     result = torch_fidelity.calculate_metrics(
