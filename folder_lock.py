@@ -7,7 +7,8 @@ that finds the file locked knows a live process holds it and refuses in one line
 process, while one that finds the file unlocked takes it over, saying whose lock it was. Taking the
 lock also removes the temp files that `output_files.atomic_write` leaves when a writer is killed
 mid-write (no other writer can be at work in the folder then). On a clean exit the file is removed.
-With torchrun only rank 0 takes the lock.
+With torchrun only rank 0 takes the lock. On a file system without flock (some network mounts) one
+line says that the folder goes unchecked.
 
 Example:
     with FolderLock("checkpoints"):
@@ -61,7 +62,8 @@ class FolderLock:
                         f"{self.path.parent}/ is in use by {describe_holder(read_holder(self.path))}: "
                         "wait for it to finish, stop it, or give this run another --out-dir"
                     ) from None
-                raise
+                note(f"cannot lock {self.path} ({error.strerror}): no check for a second run in this folder")
+                return
             if self._still_the_file(descriptor):
                 break
             os.close(descriptor)  # the holder removed the file between our open and flock: retry

@@ -16,7 +16,9 @@ counts on from the seconds already trained).
 Writes to the output folder: last.pt (every epoch end and at a stop), mnist_epoch_XX.pt (every
 --save-every epochs and after the last), train_log.csv, loss.png, samples_epoch_XX.png (every
 --sample-every epochs and after the last) and samples_step_XXXXXX.png at a stop by --max-steps or
---max-minutes (EMA weights, fixed noise, DDIM 50 steps).
+--max-minutes (EMA weights, fixed noise, DDIM 50 steps); train.lock while it runs (folder_lock.py:
+one run per folder). A disk that fails while saving or logging stops the run with one line naming the
+file; the checkpoints saved before stay intact.
 
 Example:
     result = train(TrainingJob(data=DataSettings("mnist-5k"), training=TrainingSettings(max_minutes=15)))
