@@ -147,9 +147,15 @@ def resolve_checkpoint(name: str | None, directory: str | Path = DEFAULT_CHECKPO
 
 
 def build_model(config: dict[str, Any]) -> UNet:
-    """The UNet described by config["model"], for images of config's image_shape."""
+    """The UNet described by config["model"], for images of config's image_shape. A config without
+    scale_shift_norm was written before it existed: its U-Net adds the embedding before the norm."""
     channels, height, _ = image_shape(config)
-    model_config = {"in_channels": channels, "image_size": height, **config["model"]}
+    model_config = {
+        "in_channels": channels,
+        "image_size": height,
+        "scale_shift_norm": False,
+        **config["model"],
+    }
     for key in ("channel_mult", "attention_resolutions"):
         model_config[key] = tuple(model_config[key])
     return UNet(**model_config)

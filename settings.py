@@ -124,6 +124,7 @@ class ModelSettings(Settings):
             "dropout": self.dropout,
             "num_classes": NUM_CLASSES if self.class_cond else None,
             "image_size": image_size,
+            "scale_shift_norm": True,
         }
 
 

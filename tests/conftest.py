@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny U-Net config and a tiny checkpoint trained for a few seconds on MNIST-5k."""
+"""Shared fixtures: a tiny U-Net config and a tiny checkpoint trained for a few seconds on MNIST-5k
+(its EMA weights are the trained ones, its raw weights a broken copy)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ TINY_MODEL_CONFIG = {
     "attention_resolutions": (),
     "dropout": 0.0,
     "num_classes": None,
+    "scale_shift_norm": True,
 }
 TINY_TRAINING_STEPS = 200
 TINY_IMAGES = 48  # the tiny training set: 3 batches of 16, so a few steps cross epoch ends
@@ -76,6 +78,14 @@ def mnist_5k_test() -> tuple[torch.Tensor, torch.Tensor]:
     return load_images("mnist-5k", "test")
 
 
+def broken_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights with N(0, 0.3^2) noise added to each: a network whose predictions are useless."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        key: value + 0.3 * torch.randn(value.shape, generator=generator) for key, value in weights.items()
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint in this repo's format: a tiny eps-model trained briefly on MNIST-5k (T = 100)."""
@@ -102,7 +112,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         {
             "version": CHECKPOINT_VERSION,
             "config": config,
-            "model": weights,
+            "model": broken_copy(weights),  # so that a test fails if the raw weights are used by mistake
             "ema": weights,
             "epoch": 1,
             "step": TINY_TRAINING_STEPS,

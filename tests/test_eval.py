@@ -508,3 +508,20 @@ def test_inception_metrics_go_through_torch_fidelity_with_local_weights(
     assert all(math.isfinite(value) for value in report["metrics"]["generated"]["inception"].values())
     assert any((tmp_path / "cache").glob("idx-idx-test-20-*-inception-v3-compat-stat-fid-2048.pt"))
     assert "inception FID" in stdout and "Inception" not in stderr
+
+
+def test_no_ema_evaluates_the_raw_weights(tiny_checkpoint, tmp_path):
+    """The tiny checkpoint's raw weights are a broken copy of its EMA ones: --no-ema must use them
+    (and say so in the report), and their reconstructions from t = 5 are far worse."""
+    ssim = {}
+    for flag in ("--ema", "--no-ema"):
+        json_path = tmp_path / f"{flag}.json"
+        argv = ["--checkpoint", str(tiny_checkpoint), "--metrics", "recon", "--recon-t", "5", "--num-recon",
+                "8", "--steps", "4", "--num-samples", "10", "--json", str(json_path), "--device", "cpu",
+                flag]  # fmt: skip
+        run_eval(argv)
+        report = json.loads(json_path.read_text())
+        weights = report["provenance"]["checkpoint"]["weights"]
+        ssim[weights] = report["metrics"]["reconstruction"]["per_t"]["5"]["ssim_mean"]
+    assert set(ssim) == {"ema", "model"}
+    assert ssim["ema"] > ssim["model"] + 0.2

@@ -93,15 +93,21 @@ def test_resume_mid_epoch_is_bit_exact(tiny_train_data, tmp_path):
 
 
 def test_checkpoint_loads_for_inference(tiny_train_data, tmp_path):
-    """The checkpoint rebuilds the U-Net (EMA weights, 10 classes) and the diffusion without flags."""
-    main(tiny_argv(tiny_train_data, tmp_path, "--max-steps", "1", "--class-cond", "--prediction", "v"))
+    """The checkpoint rebuilds the U-Net (EMA weights, 10 classes) and the diffusion without flags;
+    after 3 steps with a short EMA the EMA and the raw weights differ, and load_for_inference takes the
+    EMA ones (the raw ones with use_ema=False)."""
+    flags = ["--max-steps", "3", "--class-cond", "--prediction", "v", "--ema-decay", "0.5"]
+    main(tiny_argv(tiny_train_data, tmp_path, *flags))
     model, diffusion, checkpoint = load_for_inference(tmp_path / "last.pt", torch.device("cpu"))
     assert checkpoint["version"] == CHECKPOINT_VERSION
-    assert checkpoint["config"]["train"]["training"]["max_steps"] == 1
+    assert checkpoint["config"]["train"]["training"]["max_steps"] == 3
     assert checkpoint["config"]["image_shape"] == [1, 28, 28]
     assert (model.num_classes, model.model_channels) == (10, 8)
     assert (diffusion.T, diffusion.prediction) == (20, "v")
     assert_same_weights(model.state_dict(), checkpoint["ema"])
+    assert not torch.equal(checkpoint["ema"]["input_conv.weight"], checkpoint["model"]["input_conv.weight"])
+    raw, _, _ = load_for_inference(tmp_path / "last.pt", torch.device("cpu"), use_ema=False)
+    assert_same_weights(raw.state_dict(), checkpoint["model"])
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_bit_exact(tmp_path):

@@ -227,3 +227,13 @@ def test_command_line_reports_a_missing_checkpoint_without_traceback(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == USER_ERROR_EXIT_CODE
     assert result.stderr.strip() == f"error: no checkpoint file at {missing}"
+
+
+def test_no_ema_draws_with_the_raw_weights(tiny_checkpoint, tmp_path):
+    """The tiny checkpoint's raw weights are broken (conftest): the final SSIM from t = 5 falls."""
+    final_ssim = {}
+    for flag in ("--ema", "--no-ema"):
+        run_vizu(tiny_checkpoint, tmp_path / flag, f"{flag} --t 5 --num-images 4")
+        rows = read_csv(tmp_path / flag / "metrics.csv")
+        final_ssim[flag] = np.mean([float(row["ssim_x0"]) for row in rows if row["t"] == "-1"])
+    assert final_ssim["--ema"] > final_ssim["--no-ema"] + 0.2
