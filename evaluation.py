@@ -44,7 +44,7 @@ from pictures import save_image_grid
 from provenance import hardware, library_versions, sha256_of_file, sha256_of_tensor
 from runtime import SpeedPlan, configure_fast_path, plan_speed, prepare_unet, resolve_device, seed_everything
 from sampling import check_sampling, generate_samples, reconstruction_sweep, sweep_timesteps
-from settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+from settings import METRICS, DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
 
 GRID_COLUMNS = 10
 GRID_ROWS_UNCONDITIONAL = 10
@@ -79,6 +79,8 @@ def load_model(
     if weights != ("ema" if settings.ema else "model"):
         note(f"{path} has only its {weights} weights; evaluating them")
     check_sampling(diffusion, sampling, model.num_classes)
+    if model.num_classes is None and "cas" in settings.metrics and settings.metrics != METRICS:
+        raise UserError("--metrics cas needs a class-conditional checkpoint; this one is unconditional")
     minimum = max(2, model.num_classes or 0)
     if settings.num_samples < minimum:
         raise UserError(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -10,13 +11,15 @@ from pathlib import Path
 # process made the suite over 10x slower; subprocesses (CLI, torchrun) inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+import data_sources  # noqa: E402
 from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
-from data_sources import load_images  # noqa: E402
+from data_sources import load_images, write_idx  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 
 TINY_MODEL_CONFIG = {
@@ -30,6 +33,7 @@ TINY_MODEL_CONFIG = {
     "scale_shift_norm": True,
 }
 TINY_TRAINING_STEPS = 200
+TINY_IMAGES = 48  # the tiny training set: 3 batches of 16, so a few steps cross epoch ends
 TINY_UNET_FLAGS = [
     "--model-channels",
     "8",
@@ -40,6 +44,33 @@ TINY_UNET_FLAGS = [
     "--attn-resolutions",
     "",
 ]
+TINY_TRAIN_FLAGS = [
+    *TINY_UNET_FLAGS,
+    "--T",
+    "20",
+    "--batch-size",
+    "16",
+    "--warmup-steps",
+    "2",
+    "--device",
+    "cpu",
+]
+
+
+def tiny_train_argv(data: Path, out_dir: Path, *extra: str) -> list[str]:
+    """train_MNIST.py flags of a tiny run (8-channel U-Net, T = 20, 3 steps per epoch of data)."""
+    return [*TINY_TRAIN_FLAGS, "--data-dir", str(data), "--out-dir", str(out_dir), *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_train_data(tmp_path_factory) -> Path:
+    """The first 48 MNIST-5k training digits and labels as IDX files."""
+    images, labels = load_images("mnist-5k", "train")
+    folder = tmp_path_factory.mktemp("tiny_train_idx")
+    pixels = ((images[:TINY_IMAGES, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+    write_idx(folder / "train-images-idx3-ubyte", pixels)
+    write_idx(folder / "train-labels-idx1-ubyte", labels[:TINY_IMAGES].numpy().astype(np.uint8))
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +146,16 @@ def trained_conditional_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("conditional") / "conditional.pt"
     save_checkpoint({"version": CHECKPOINT_VERSION, "config": config, "ema": weights}, path)
     return path
+
+
+_load_images_once = functools.cache(data_sources.load_images)
+
+
+@pytest.fixture
+def read_data_once(monkeypatch):
+    """eval and vizu read each data split once per session (3 s per MNIST-5k read on a busy machine)."""
+    import evaluation
+    import visualisation
+
+    for module in (evaluation, visualisation):
+        monkeypatch.setattr(module, "load_images", _load_images_once)

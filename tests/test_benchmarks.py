@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import TINY_UNET_FLAGS
 
-from benchmarks import sampling_speed, steps_vs_quality, throughput, time_to_digits
+from benchmarks import chaos, sampling_speed, steps_vs_quality, throughput, time_to_digits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,3 +77,12 @@ def test_time_to_digits_trains_through_the_trainer_and_evaluates(tmp_path):
 def test_gpu_report_script_parses():
     result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_report.sh")], capture_output=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_chaos_kills_once_and_the_resumed_run_is_bit_identical(tmp_path):
+    """benchmarks.chaos reduced: one SIGKILL in a 2-step run, then the resume; bit-identical."""
+    run_quietly(chaos.main, ["--kills", "1", "--epochs", "2", "--images", "16", "--out-dir", str(tmp_path),
+                             "--json", str(tmp_path / "chaos.json")])  # fmt: skip
+    result = json.loads((tmp_path / "chaos.json").read_text())
+    assert result["identical"] and result["differences"] == [] and len(result["launches"]) == 2
+    assert result["launches"][-1]["exit_status"] == 0 and result["checkpoints_loaded"] >= 1
