@@ -197,7 +197,7 @@ class RunSettings(Settings):
     log_every: int = setting(50, "steps between rows of train_log.csv", positive_int)
 
 
-METRICS = ("inception", "classifier", "cas", "recon")
+METRICS = ("inception", "classifier", "cas", "memorisation", "recon")
 
 
 def metric_names(text: str) -> tuple[str, ...]:
@@ -219,6 +219,9 @@ class EvaluationSettings(Settings):
     )
     ema: bool = setting(True, "use the EMA weights")
     num_samples: int = setting(10000, "images to generate for FID/IS/KID/precision/recall/CAS", positive_int)
+    repeats: int = setting(
+        1, "sample sets (seeds seed, seed+1, ...): each sample metric as mean ± std over them", positive_int
+    )
     batch_size: int = setting(250, "images per sampler / feature batch", positive_int)
     seed: int = setting(0, "seed of the sampling noise, image subsets and KID subsets", int)
     metrics: tuple[str, ...] = setting(

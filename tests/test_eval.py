@@ -8,6 +8,7 @@ tests; the torch-fidelity tests call feature_metrics' functions directly on 200 
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import math
@@ -36,6 +37,7 @@ from settings import SamplingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 40
+REPEATS = 2
 NUM_REAL = 200  # real images per set in the direct torch-fidelity tests
 RECON_T = (5, 99)  # small t, and T-1 of the tiny checkpoint (T = 100)
 SELF_FID_TOLERANCE = 1e-3  # FID(X, X) is 0 up to the float error of sqrtm-by-eigenvalues
@@ -92,6 +94,8 @@ def evaluation(tiny_checkpoint, classifier_path, tmp_path_factory) -> dict:
         "--inception-weights",
         str(missing),
         "--baselines",
+        "--repeats",
+        str(REPEATS),
         "--recon-t",
         ",".join(map(str, RECON_T)),
         "--num-recon",
@@ -195,6 +199,7 @@ def test_report_has_every_key(evaluation):
         "eta": 0.0,
         "guidance": 1.0,
         "num_samples": NUM_SAMPLES,
+        "seeds": [0, 1],
         "batch_size": 250,
         "amp": "none",  # --amp auto on a CPU
         "compiled": None,
@@ -218,27 +223,78 @@ def test_report_has_every_key(evaluation):
         "scikit_image",
     }
     assert {"device", "command"} <= set(provenance)
+    assert provenance["repeats"] == REPEATS
     metrics = report["metrics"]
-    assert set(metrics) == {"generated", "floor", "ceiling", "cas", "reconstruction"}
+    assert set(metrics) == {"generated", "floor", "ceiling", "cas", "memorisation", "reconstruction"}
     assert metrics["cas"] is None  # the tiny model is unconditional
-    for values in [metrics["generated"], metrics["floor"], metrics["ceiling"]]:
+    per_set = {
+        "fid", "is_mean", "is_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall",
+        "num_images", "num_reference", "mean_confidence", "class_fractions",
+    }  # fmt: skip
+    for name in ("generated", "floor", "ceiling"):
+        values = metrics[name]
         assert set(values) == {"classifier"}
-        assert set(values["classifier"]) == {
-            "fid", "is_mean", "is_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall",
-            "num_images", "num_reference", "mean_confidence", "class_fractions",
-        }  # fmt: skip
-        fractions = values["classifier"].pop("class_fractions")
+        repeated = name != "ceiling"  # the noise ceiling is drawn once
+        assert set(values["classifier"]) == per_set | ({"over_repeats"} if repeated else set())
+        fractions = values["classifier"]["class_fractions"]
         assert len(fractions) == 10 and sum(fractions) == pytest.approx(1.0)
-        assert all(math.isfinite(value) for value in values["classifier"].values())
+        numbers = [
+            value for key, value in values["classifier"].items() if key in per_set - {"class_fractions"}
+        ]
+        assert all(math.isfinite(value) for value in numbers)
     assert set(metrics["reconstruction"]) == {"num_images", "scale", "per_t"}
     assert set(metrics["reconstruction"]["scale"]) == {"mse", "psnr", "ssim"}
+
+
+@pytest.mark.parametrize("name", ["generated", "floor"])
+def test_repeats_give_the_mean_spread_and_values_of_every_number(evaluation, name):
+    """--repeats 2: two sample sets (and two floor subsets) with seeds 0 and 1; each number is the mean
+    of its two values, and over_repeats keeps them with their sample standard deviation."""
+    values = evaluation["report"]["metrics"][name]["classifier"]
+    spreads = values["over_repeats"]
+    assert set(spreads) == set(values) - {"class_fractions", "over_repeats"}
+    for key, spread in spreads.items():
+        assert len(spread["values"]) == REPEATS
+        assert spread["mean"] == pytest.approx(sum(spread["values"]) / REPEATS) == values[key]
+        assert spread["std"] == pytest.approx(abs(spread["values"][0] - spread["values"][1]) / math.sqrt(2))
+    fid = spreads["fid"]["values"]
+    assert fid[0] != fid[1]  # different seeds draw different sets
+    assert spreads["num_images"]["values"] == [NUM_SAMPLES] * REPEATS
+
+
+def test_table_shows_mean_and_std_over_repeats_next_to_the_floor(evaluation):
+    lines = evaluation["stdout"].splitlines()
+    fid_line = next(line for line in lines if line.startswith("classifier FID"))
+    generated = evaluation["report"]["metrics"]["generated"]["classifier"]["over_repeats"]["fid"]
+    floor = evaluation["report"]["metrics"]["floor"]["classifier"]["over_repeats"]["fid"]
+    assert f"{generated['mean']:.4g} ± {generated['std']:.3g}" in fid_line
+    assert f"{floor['mean']:.4g} ± {floor['std']:.3g}" in fid_line
+    assert f"standard deviation over {REPEATS} sample sets" in evaluation["stdout"]
+
+
+def test_memorisation_is_in_the_report_with_its_pairs_and_nearest_table(evaluation):
+    report = evaluation["report"]
+    memorisation = report["metrics"]["memorisation"]
+    for space in ("pixels", "classifier"):
+        assert 0 <= memorisation[space]["copy_rate"] <= 1 and memorisation[space]["threshold"] > 0
+        assert len(memorisation[space]["over_repeats"]["copy_rate"]["values"]) == REPEATS
+    assert memorisation["num_held_out"] == 1000 and len(memorisation["closest"]) == 16
+    distances = [pair["distance"] for pair in memorisation["closest"]]
+    assert distances == sorted(distances)
+    with open(report["outputs"]["nearest_csv"]) as table:
+        rows = list(csv.reader(table))
+    assert (
+        rows[0][:3] == ["repeat", "sample", "pixels_train_index"] and len(rows) == 1 + REPEATS * NUM_SAMPLES
+    )
+    assert Image.open(report["outputs"]["closest_png"]).size == (2 * (16 * 30 + 2), 2 * (2 * 30 + 2))
+    assert "copy rate" in evaluation["stdout"]
 
 
 def test_kid_subsets_are_smaller_than_the_sets(evaluation):
     """With 40 samples, KID's subsets hold half of them, so its spread is over subsets that differ."""
     generated = evaluation["report"]["metrics"]["generated"]["classifier"]
     assert generated["kid_subset_size"] == NUM_SAMPLES // 2 < feature_metrics.KID_SUBSET_SIZE
-    assert generated["kid_std"] > 0
+    assert min(generated["over_repeats"]["kid_std"]["values"]) > 0
 
 
 def test_baselines_bracket_the_generated_samples(evaluation):
