@@ -1,5 +1,5 @@
 """Evaluation of a checkpoint: sample, then FID / IS / KID / precision / recall next to the real-data
-floor, CAS, and reconstruction scores, with the provenance of every number.
+floor, CAS, memorisation, reconstruction scores and the NLL bound, with the provenance of every number.
 
 Generative metrics go through feature_metrics.py (torch-fidelity) against the test split of the
 checkpoint's data, with the classifier of classifier.py (always: the shipped one for MNIST, else
@@ -8,6 +8,12 @@ as samples, at most the whole split) is in every report; `baselines` adds the ce
 noise). CAS (Ravuri & Vinyals 2019, arXiv:1905.10887) trains the classifier on the samples of a
 class-conditional model and tests it on real test images. Reconstruction noises test images to t
 with q(x_t | x_0) and denoises them back (sampling.reconstruction_sweep).
+
+--repeats K draws K sample sets (seeds seed .. seed+K-1) and K floor subsets; every sample metric
+is then the mean over them, with its spread and values (repeats.py). Memorisation (memorisation.py)
+finds each sample's nearest training image and the copy rate against held-out test images; --nll
+adds the variational bound in bits/dim on test images (likelihood.py, Ho et al. 2020,
+arXiv:2006.11239, eq. 5).
 
 Example:
     report = evaluate(EvaluationSettings(num_samples=1000), SamplingSettings(), RuntimeSettings(),
@@ -38,6 +44,7 @@ from feature_metrics import (
     real_set,
 )
 from image_metrics import to_uint8
+from likelihood import nll_bits_per_dim
 from memorisation import CopyDetector, Memorisation
 from messages import UserError, note
 from output_files import OutputError, writable_dir, write_csv, write_json
@@ -60,7 +67,7 @@ SINGLE_VALUED = (
     "copy_rate",
     "median_distance",
 )
-METRIC_SECTIONS = ("generated", "floor", "ceiling", "cas", "memorisation", "reconstruction")
+METRIC_SECTIONS = ("generated", "floor", "ceiling", "cas", "memorisation", "reconstruction", "nll")
 TABLE_ROWS = (("fid", "FID"), ("is", "IS"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
 SCALES = {
     "mse": "mean squared error per image on [0, 1] pixels (0 = identical, 1 = opposite)",
@@ -278,7 +285,28 @@ def evaluate_model(
         metrics["reconstruction"] = reconstruction_scores(
             loaded, settings, sampling, plan, real, comparison.device
         )
+    if settings.nll:
+        metrics["nll"] = nll_of_test_split(loaded, settings, real, comparison.device)
     return metrics
+
+
+def nll_of_test_split(
+    loaded: LoadedModel, settings: EvaluationSettings, real: RealData, device: torch.device
+) -> dict[str, Any]:
+    """The variational bound in bits/dim (likelihood.py) of --num-nll test images (a seeded subset;
+    a class-conditional model is given their labels)."""
+    order = torch.randperm(len(real.test_images), generator=torch.Generator().manual_seed(settings.seed))
+    subset = order[: settings.num_nll]
+    labels = None if loaded.num_classes is None else real.test_labels[subset]
+    return nll_bits_per_dim(
+        loaded.network,
+        loaded.diffusion,
+        real.test_images[subset],
+        labels,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        device=device,
+    )
 
 
 def reconstruction_scores(
@@ -491,6 +519,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             "CAS (classifier trained on the samples, tested on real test images): "
             f"accuracy {format_cell(metrics['cas'], 'cas_accuracy')}"
+        )
+    if metrics["nll"] is not None:
+        nll = metrics["nll"]
+        lines.append(
+            f"NLL bound (Ho et al. eq. 5) on {nll['num_images']} test images: {nll['bits_per_dim']:.4f} ± "
+            f"{nll['bits_per_dim_sem']:.4f} bits/dim (± standard error; prior {nll['prior_bpd']:.2g}, "
+            f"KL terms {nll['kl_terms_bpd']:.4f}, decoder L_0 {nll['decoder_bpd']:.4f})"
         )
     if metrics["reconstruction"] is not None:
         lines.append(

@@ -4,7 +4,7 @@ FID and its kin move with the sample count and the seed (improved-diffusion issu
 k-diffusion 51, edm 16), so `eval_MNIST.py --repeats K` draws K sample sets (seeds seed, seed+1, ...)
 and reports each number as mean ± std over them. `summarise_repeats` turns K reports of the same
 shape into one of that shape: every number replaced by its mean (lists of numbers averaged element
-by element), with an "over_repeats" entry beside them holding, per number, the mean, the sample
+by element, counts kept), with an "over_repeats" entry beside them holding, per number, the mean, the sample
 standard deviation (ddof = 1) and the K values.
 
 Example:
@@ -32,8 +32,9 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 def summarise_repeats(per_repeat: list[dict[str, Any]]) -> dict[str, Any]:
     """One report from K of the same shape: numbers averaged (with their spread under
-    "over_repeats"), lists of numbers averaged element-wise, dicts summarised recursively, anything
-    else (text, lists of records) taken from the first repeat. One repeat is returned as it is."""
+    "over_repeats"), lists of numbers averaged element-wise, dicts summarised recursively; integers
+    equal in every repeat (counts) and anything else (text, lists of records) taken from the first
+    repeat. One repeat is returned as it is."""
     if len(per_repeat) == 1:
         return per_repeat[0]
     summary, spreads = {}, {}
@@ -41,6 +42,8 @@ def summarise_repeats(per_repeat: list[dict[str, Any]]) -> dict[str, Any]:
         values = [report[key] for report in per_repeat]
         if isinstance(first, dict):
             summary[key] = summarise_repeats(values)
+        elif isinstance(first, int) and len(set(values)) == 1:
+            summary[key] = first  # a count, the same in every repeat
         elif is_number(first):
             spreads[key] = spread(values)
             summary[key] = spreads[key]["mean"]

@@ -242,6 +242,8 @@ class EvaluationSettings(Settings):
         int_tuple,
     )
     num_recon: int = setting(100, "test images to reconstruct per t", positive_int)
+    nll: bool = setting(False, "also the NLL bound in bits/dim (Ho et al. eq. 5) on --num-nll test images")
+    num_nll: int = setting(1000, "test images of --nll (each costs T model evaluations)", positive_int)
     out_dir: str = setting("eval_outputs", "folder of the default JSON and sample grid")
     json: str | None = setting(None, "JSON report path (default <out-dir>/eval_<checkpoint>.json)")
     cache_dir: str | None = setting(None, "torch-fidelity cache (default $TORCH_HOME/fidelity_cache)")

@@ -28,6 +28,7 @@ import evaluation as evaluation_module
 import feature_metrics
 import image_metrics
 import mnist_classifier
+import repeats
 import sampling
 from checkpointing import CHECKPOINT_VERSION, build_model, load_for_inference, save_checkpoint
 from cli import run_cli
@@ -38,6 +39,7 @@ from settings import SamplingSettings
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 40
 REPEATS = 2
+NUM_NLL = 4
 NUM_REAL = 200  # real images per set in the direct torch-fidelity tests
 RECON_T = (5, 99)  # small t, and T-1 of the tiny checkpoint (T = 100)
 SELF_FID_TOLERANCE = 1e-3  # FID(X, X) is 0 up to the float error of sqrtm-by-eigenvalues
@@ -96,6 +98,9 @@ def evaluation(tiny_checkpoint, classifier_path, tmp_path_factory) -> dict:
         "--baselines",
         "--repeats",
         str(REPEATS),
+        "--nll",
+        "--num-nll",
+        str(NUM_NLL),
         "--recon-t",
         ",".join(map(str, RECON_T)),
         "--num-recon",
@@ -225,7 +230,7 @@ def test_report_has_every_key(evaluation):
     assert {"device", "command"} <= set(provenance)
     assert provenance["repeats"] == REPEATS
     metrics = report["metrics"]
-    assert set(metrics) == {"generated", "floor", "ceiling", "cas", "memorisation", "reconstruction"}
+    assert set(metrics) == {"generated", "floor", "ceiling", "cas", "memorisation", "reconstruction", "nll"}
     assert metrics["cas"] is None  # the tiny model is unconditional
     per_set = {
         "fid", "is_mean", "is_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall",
@@ -252,14 +257,28 @@ def test_repeats_give_the_mean_spread_and_values_of_every_number(evaluation, nam
     of its two values, and over_repeats keeps them with their sample standard deviation."""
     values = evaluation["report"]["metrics"][name]["classifier"]
     spreads = values["over_repeats"]
-    assert set(spreads) == set(values) - {"class_fractions", "over_repeats"}
+    counts = {"num_images", "num_reference", "kid_subset_size"}  # the same in both repeats: kept as they are
+    assert set(spreads) == set(values) - {"class_fractions", "over_repeats"} - counts
     for key, spread in spreads.items():
         assert len(spread["values"]) == REPEATS
         assert spread["mean"] == pytest.approx(sum(spread["values"]) / REPEATS) == values[key]
         assert spread["std"] == pytest.approx(abs(spread["values"][0] - spread["values"][1]) / math.sqrt(2))
     fid = spreads["fid"]["values"]
     assert fid[0] != fid[1]  # different seeds draw different sets
-    assert spreads["num_images"]["values"] == [NUM_SAMPLES] * REPEATS
+    assert values["num_images"] == NUM_SAMPLES
+
+
+def test_summary_of_repeats_averages_numbers_and_lists_and_keeps_counts_and_text():
+    first = {"fid": 40.0, "num_images": 10, "fractions": [0.5, 0.5], "note": "a", "cas": {"accuracy": 0.5}}
+    second = {"fid": 44.0, "num_images": 10, "fractions": [0.25, 0.75], "note": "b", "cas": {"accuracy": 0.7}}
+    summary = repeats.summarise_repeats([first, second])
+    assert summary["fid"] == 42.0 and summary["num_images"] == 10 and summary["note"] == "a"
+    assert summary["fractions"] == [0.375, 0.625]
+    assert summary["over_repeats"] == {
+        "fid": {"mean": 42.0, "std": pytest.approx(2 * math.sqrt(2)), "values": [40.0, 44.0]}
+    }
+    assert summary["cas"]["accuracy"] == pytest.approx(0.6) and "accuracy" in summary["cas"]["over_repeats"]
+    assert repeats.summarise_repeats([first]) is first
 
 
 def test_table_shows_mean_and_std_over_repeats_next_to_the_floor(evaluation):
@@ -288,6 +307,14 @@ def test_memorisation_is_in_the_report_with_its_pairs_and_nearest_table(evaluati
     )
     assert Image.open(report["outputs"]["closest_png"]).size == (2 * (16 * 30 + 2), 2 * (2 * 30 + 2))
     assert "copy rate" in evaluation["stdout"]
+
+
+def test_nll_bound_is_in_the_report_with_every_term(evaluation):
+    nll = evaluation["report"]["metrics"]["nll"]
+    assert nll["num_images"] == NUM_NLL and len(nll["terms_per_t"]) == 100  # T of the tiny checkpoint
+    assert nll["bits_per_dim"] == pytest.approx(nll["prior_bpd"] + nll["decoder_bpd"] + nll["kl_terms_bpd"])
+    assert 0 < nll["bits_per_dim"] < 8  # a model that has learnt anything beats 8 bits per 8-bit pixel
+    assert f"{nll['bits_per_dim']:.4f} ± {nll['bits_per_dim_sem']:.4f} bits/dim" in evaluation["stdout"]
 
 
 def test_kid_subsets_are_smaller_than_the_sets(evaluation):
