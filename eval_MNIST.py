@@ -15,7 +15,8 @@ the variational bound in bits/dim (Ho et al. 2020, arXiv:2006.11239, eq. 5) on -
 
 Output: a table on the terminal, a JSON file with every metric and its provenance, and beside it a
 PNG grid of samples, a PNG of the 16 samples closest to a training image (top row) above those
-training images, and a CSV of every sample's nearest training image. Without a checkpoint of your own it evaluates the shipped demo model.
+training images, and a CSV of every sample's nearest training image. Without a checkpoint of your own
+it evaluates the shipped demo model.
 
 Examples:
     python eval_MNIST.py --num-samples 1000                          # the newest checkpoint, or the demo
