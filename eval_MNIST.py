@@ -12,6 +12,8 @@ test images noised to each --recon-t and denoised back (MSE, PSNR, SSIM on [0, 1
 too). Memorisation: each sample's nearest training image (pixels and classifier features) and the
 copy rate, the fraction nearer than the 1st percentile of held-out test images' distances. --nll:
 the variational bound in bits/dim (Ho et al. 2020, arXiv:2006.11239, eq. 5) on --num-nll test images.
+Several checkpoints (a quoted glob or comma-separated paths): each is evaluated, and FID, IS,
+precision, recall and the floor against the epoch go to <out-dir>/training_curve.csv and .png.
 
 Output: a table on the terminal, a JSON file with every metric and its provenance, and beside it a
 PNG grid of samples, a PNG of the 16 samples closest to a training image (top row) above those
@@ -24,6 +26,7 @@ Examples:
     python eval_MNIST.py --inception-weights weights-inception-2015-12-05-6726825d.pth --baselines
     python eval_MNIST.py --baselines-only --data mnist-5k            # the floor and ceiling, no model
     python eval_MNIST.py --checkpoint demo --num-samples 500 --repeats 3 --nll --num-nll 100
+    python eval_MNIST.py --checkpoint "checkpoints/mnist_epoch_*.pt" --num-samples 1000   # the curve
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from __future__ import annotations
 import sys
 
 from cli import OneLineErrorParser, run_cli
-from evaluation import evaluate, format_report
 from settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+from training_curves import evaluate_checkpoints
 
 
 def parse_args(argv: list[str] | None):
@@ -50,10 +53,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     settings, sampling, runtime, data = parse_args(argv)
-    report = evaluate(settings, sampling, runtime, data, command=" ".join(["eval_MNIST.py", *argv]))
-    print(format_report(report))
-    outputs = report["outputs"]
-    print(f"wrote {outputs['json']}" + (f" and {outputs['samples_png']}" if outputs["samples_png"] else ""))
+    print(evaluate_checkpoints(settings, sampling, runtime, data, command=" ".join(["eval_MNIST.py", *argv])))
 
 
 if __name__ == "__main__":

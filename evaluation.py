@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,14 @@ class RealData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     train_images: torch.Tensor
+
+
+@functools.lru_cache(maxsize=2)
+def load_real_data(name: str, data_dir: str | None) -> RealData:
+    """Both splits of a data set, read once per process (evaluations of several checkpoints share
+    them; nothing changes them in place)."""
+    test_images, test_labels = load_images(name, "test", data_dir)
+    return RealData(test_images, test_labels, load_images(name, "train", data_dir)[0])
 
 
 def repeat_seeds(settings: EvaluationSettings) -> list[int]:
@@ -387,8 +396,8 @@ def evaluate(
     stem = Path(loaded.provenance["path"]).stem if loaded is not None else f"baselines_{label}"
     paths = output_paths(settings, stem)
 
-    test_images, test_labels = load_images(name, "test", data_dir)
-    real = RealData(test_images, test_labels, load_images(name, "train", data_dir)[0])
+    real = load_real_data(name, data_dir)
+    test_images = real.test_images
     extractors, extractor_info = resolve_extractors(settings, name, data_dir, device)
     comparison = Comparison(
         real_set(test_images, label, "test"),

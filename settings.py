@@ -215,7 +215,9 @@ class EvaluationSettings(Settings):
     TITLE = "evaluation"
     checkpoint: str | None = setting(
         None,
-        "checkpoint: a path, demo (the shipped model), or by default the newest in checkpoints/, else demo",
+        "checkpoint: a path, demo (the shipped model), or by default the newest in checkpoints/, else demo; "
+        'several (comma-separated, or a quoted glob such as "checkpoints/mnist_epoch_*.pt"): each evaluated, '
+        "and the metrics against the epoch in <out-dir>/training_curve.csv and .png",
     )
     ema: bool = setting(True, "use the EMA weights")
     num_samples: int = setting(10000, "images to generate for FID/IS/KID/precision/recall/CAS", positive_int)

@@ -444,6 +444,36 @@ def test_conditional_model_gets_cas_and_a_grid_row_per_class(tmp_path, tiny_chec
     assert Image.open(tmp_path / "c_samples.png").size == (2 * (2 * 30 + 2), 2 * (10 * 30 + 2))
 
 
+def test_a_glob_of_epoch_checkpoints_gives_the_curve_csv_and_png(tiny_checkpoint, tmp_path):
+    """Two epoch checkpoints (the tiny one as epoch 1, a copy as epoch 2): two reports, one CSV row
+    each in epoch order with the samples' and the floor's metrics, and the PNG."""
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    save_checkpoint(checkpoint | {"epoch": 2, "step": 400}, tmp_path / "mnist_epoch_02.pt")
+    save_checkpoint(checkpoint, tmp_path / "mnist_epoch_01.pt")
+    out = tmp_path / "out"
+    stdout, _ = run_eval(
+        ["--checkpoint", str(tmp_path / "mnist_epoch_*.pt"), "--num-samples", "10", "--steps", "2",
+         "--metrics", "classifier", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+         "--device", "cpu"]
+    )  # fmt: skip
+    with open(out / "training_curve.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert [(row["epoch"], row["step"]) for row in rows] == [("1", "200"), ("2", "400")]
+    for row in rows:
+        for key in ("fid", "is_mean", "precision", "recall"):
+            assert math.isfinite(float(row[f"classifier_{key}"])) and math.isfinite(
+                float(row[f"floor_classifier_{key}"])
+            )
+        assert row["classifier_fid_std"] == ""  # one repeat: no spread over repeats
+    assert rows[0]["floor_classifier_fid"] == rows[1]["floor_classifier_fid"]  # the same floor for both
+    assert Image.open(out / "training_curve.png").size[0] > 500
+    assert {path.name for path in out.glob("*.json")} == {
+        "eval_mnist_epoch_01.json",
+        "eval_mnist_epoch_02.json",
+    }
+    assert "training_curve.csv" in stdout
+
+
 # ----- input checks ------------------------------------------------------------------------------
 
 
@@ -464,6 +494,11 @@ BAD_INPUTS = {  # case: (arguments, what the one error line must say)
     "unwritable output": (
         ["--checkpoint", "{tiny}", "--json", "{tmp}/a_file/r.json"],
         "cannot create output",
+    ),
+    "glob matches nothing": (["--checkpoint", "{tmp}/mnist_epoch_*.pt"], "no checkpoint file matches"),
+    "json with several": (
+        ["--checkpoint", "{tiny},demo", "--json", "{tmp}/r.json"],
+        "--json names one report",
     ),
     "guidance, unconditional": (["--checkpoint", "{tiny}", "--guidance", "3"], "needs a class-conditional"),
     "corrupt classifier": (
