@@ -202,7 +202,7 @@ class RunSettings(Settings):
     log_every: int = setting(50, "steps between rows of train_log.csv", positive_int)
 
 
-METRICS = ("inception", "classifier", "cas", "recon")
+METRICS = ("inception", "classifier", "cas", "memorisation", "recon")
 
 
 def metric_names(text: str) -> tuple[str, ...]:
@@ -220,10 +220,15 @@ class EvaluationSettings(Settings):
     TITLE = "evaluation"
     checkpoint: str | None = setting(
         None,
-        "checkpoint: a path, demo (the shipped model), or by default the newest in checkpoints/, else demo",
+        "checkpoint: a path, demo (the shipped model), or by default the newest in checkpoints/, else demo; "
+        'several (comma-separated, or a quoted glob such as "checkpoints/mnist_epoch_*.pt"): each evaluated, '
+        "and the metrics against the epoch in <out-dir>/training_curve.csv and .png",
     )
     ema: bool = setting(True, "use the EMA weights")
     num_samples: int = setting(10000, "images to generate for FID/IS/KID/precision/recall/CAS", positive_int)
+    repeats: int = setting(
+        1, "sample sets (seeds seed, seed+1, ...): each sample metric as mean ± std over them", positive_int
+    )
     batch_size: int = setting(250, "images per sampler / feature batch", positive_int)
     seed: int = setting(0, "seed of the sampling noise, image subsets and KID subsets", seed_number)
     metrics: tuple[str, ...] = setting(
@@ -247,6 +252,8 @@ class EvaluationSettings(Settings):
         int_tuple,
     )
     num_recon: int = setting(100, "test images to reconstruct per t", positive_int)
+    nll: bool = setting(False, "also the NLL bound in bits/dim (Ho et al. eq. 5) on --num-nll test images")
+    num_nll: int = setting(1000, "test images of --nll (each costs T model evaluations)", positive_int)
     out_dir: str = setting("eval_outputs", "folder of the default JSON and sample grid")
     json: str | None = setting(None, "JSON report path (default <out-dir>/eval_<checkpoint>.json)")
     cache_dir: str | None = setting(None, "torch-fidelity cache (default $TORCH_HOME/fidelity_cache)")
