@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import re
@@ -37,8 +38,10 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "demo_mnist5k.pt
 DEMO_CHECKPOINT_SHA256 = "a6c6f6fc33cb9916c1e54da3fe8cf6b135c4db9dc401eb1645571de7bd07665b"
 DEMO_NAME = "demo"
 LAST_NAME = "last.pt"
+GLOB_CHARACTERS = "*?["
 EPOCH_PATTERN = re.compile(r"mnist_epoch_(\d+)\.pt$")
-REQUIRED_KEYS = ("config",)  # and weights: "model", "ema" or both
+REQUIRED_KEYS = ("config",)  # dicts; and weights: "model", "ema" or both
+CONFIG_KEYS = ("model", "diffusion")  # what rebuilds the U-Net and the diffusion
 INFERENCE_KEYS = ("version", "config", "ema", "step", "epoch")  # what export_for_inference keeps
 READ_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
@@ -76,21 +79,24 @@ def read_torch_file(
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with torch.load(weights_only=True); a CheckpointError says what is wrong."""
+    """Read a checkpoint with torch.load(weights_only=True); a CheckpointError says what is wrong:
+    not a dict, a newer format version, or which key this code needs is missing."""
     checkpoint = read_torch_file(path, map_location)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this repo (not a dict)")
-    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
-    if "model" not in checkpoint and "ema" not in checkpoint:
-        missing.append("model or ema weights")
-    if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of this repo (no {', '.join(missing)})")
     version = checkpoint.setdefault("version", LEGACY_VERSION)
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path} has format version {version}; this code reads versions up to {CHECKPOINT_VERSION} "
             "(update the repo)"
         )
+    missing = [key for key in REQUIRED_KEYS if not isinstance(checkpoint.get(key), dict)]
+    if "model" not in checkpoint and "ema" not in checkpoint:
+        missing.append("model or ema weights")
+    config = checkpoint.get("config")
+    missing += [f"config[{key!r}]" for key in CONFIG_KEYS if isinstance(config, dict) and key not in config]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this repo (no {', '.join(missing)})")
     return checkpoint
 
 
@@ -142,10 +148,36 @@ def resolve_checkpoint(name: str | None, directory: str | Path = DEFAULT_CHECKPO
     return demo
 
 
+def resolve_checkpoints(names: str | None, directory: str | Path = DEFAULT_CHECKPOINT_DIR) -> list[Path]:
+    """What a --checkpoint that may name several means: comma-separated entries, each resolved by
+    resolve_checkpoint ("demo", a path) or, when it holds * ? or [, a glob pattern (its matches in
+    name order; none is an error). None: the one checkpoint resolve_checkpoint picks."""
+    if names is None:
+        return [resolve_checkpoint(None, directory)]
+    paths = []
+    for entry in (part.strip() for part in names.split(",") if part.strip()):
+        if not any(character in entry for character in GLOB_CHARACTERS):
+            paths.append(resolve_checkpoint(entry, directory))
+            continue
+        matches = sorted(Path(match) for match in glob.glob(entry))
+        if not matches:
+            raise CheckpointError(f"no checkpoint file matches {entry}")
+        paths += matches
+    if not paths:
+        raise CheckpointError("--checkpoint names no checkpoint")
+    return list(dict.fromkeys(paths))
+
+
 def build_model(config: dict[str, Any]) -> UNet:
-    """The UNet described by config["model"], for images of config's image_shape."""
+    """The UNet described by config["model"], for images of config's image_shape. A config without
+    scale_shift_norm was written before it existed: its U-Net adds the embedding before the norm."""
     channels, height, _ = image_shape(config)
-    model_config = {"in_channels": channels, "image_size": height, **config["model"]}
+    model_config = {
+        "in_channels": channels,
+        "image_size": height,
+        "scale_shift_norm": False,
+        **config["model"],
+    }
     for key in ("channel_mult", "attention_resolutions"):
         model_config[key] = tuple(model_config[key])
     return UNet(**model_config)

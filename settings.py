@@ -28,14 +28,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from cli import (
-    at_least_two,
     fraction,
+    int_between,
     int_tuple,
+    int_tuple_between,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
-    positive_int_tuple,
+    seed_number,
 )
 from data_sources import DATA_SETS, NUM_CLASSES, flips_by_default
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
@@ -43,6 +44,9 @@ from runtime import AMP_MODES, COMPILE_MODES, SWITCHES
 
 LR_SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "cpu")
+# Upper limits of the sizes, far above any useful value, so that a typo is one line, not an allocation
+# of terabytes: U-Net width, width multiplier per level, residual blocks per level, diffusion steps.
+MAX_MODEL_CHANNELS, MAX_CHANNEL_MULT, MAX_RES_BLOCKS, MAX_T = 1024, 16, 16, 100_000
 IMAGE_CHANNELS = (1, 3)
 
 
@@ -134,11 +138,11 @@ class DataSettings(Settings):
 @dataclass(frozen=True)
 class ModelSettings(Settings):
     TITLE = "U-Net (model.py)"
-    model_channels: int = setting(64, "width of the first U-Net level", positive_int)
+    model_channels: int = setting(64, "width of the first U-Net level", int_between(1, MAX_MODEL_CHANNELS))
     channel_mult: tuple[int, ...] = setting(
-        (1, 2, 2), "width of each level / model-channels", positive_int_tuple
+        (1, 2, 2), "width of each level / model-channels", int_tuple_between(1, MAX_CHANNEL_MULT)
     )
-    num_res_blocks: int = setting(2, "residual blocks per level", positive_int)
+    num_res_blocks: int = setting(2, "residual blocks per level", int_between(1, MAX_RES_BLOCKS))
     attn_resolutions: tuple[int, ...] = setting((14,), "feature-map sizes with self-attention", int_tuple)
     dropout: float = setting(0.1, "dropout in the residual blocks, in [0, 1)", fraction)
     class_cond: bool = setting(False, "condition on the class labels (classifier-free guidance)")
@@ -154,13 +158,14 @@ class ModelSettings(Settings):
             "dropout": self.dropout,
             "num_classes": NUM_CLASSES if self.class_cond else None,
             "image_size": image_size,
+            "scale_shift_norm": True,
         }
 
 
 @dataclass(frozen=True)
 class DiffusionSettings(Settings):
     TITLE = "diffusion (diffusion.py)"
-    T: int = setting(1000, "diffusion steps", at_least_two, flag="--T")
+    T: int = setting(1000, "diffusion steps", int_between(2, MAX_T), flag="--T")
     schedule: str = setting("cosine", "noise schedule", choices=SCHEDULES)
     prediction: str = setting("eps", "what the network predicts", choices=PREDICTIONS)
 
@@ -225,13 +230,13 @@ class RunSettings(Settings):
     TITLE = "outputs"
     out_dir: str = setting("checkpoints", "checkpoints, log, loss plot and sample grids")
     resume: str | None = setting(None, "latest (newest checkpoint in --out-dir) or a checkpoint path")
-    seed: int = setting(0, "seed for weights, data order, noise and sample grids", int)
+    seed: int = setting(0, "seed for weights, data order, noise and sample grids", seed_number)
     save_every: int = setting(10, "epochs between mnist_epoch_XX.pt files", positive_int)
     sample_every: int = setting(5, "epochs between sample grids", positive_int)
     log_every: int = setting(50, "steps between rows of train_log.csv", positive_int)
 
 
-METRICS = ("inception", "classifier", "cas", "recon")
+METRICS = ("inception", "classifier", "cas", "memorisation", "recon")
 
 
 def metric_names(text: str) -> tuple[str, ...]:
@@ -249,14 +254,22 @@ class EvaluationSettings(Settings):
     TITLE = "evaluation"
     checkpoint: str | None = setting(
         None,
-        "checkpoint: a path, demo (the shipped model), or by default the newest in checkpoints/, else demo",
+        "checkpoint: a path, demo (the shipped model), or by default the newest in checkpoints/, else demo; "
+        'several (comma-separated, or a quoted glob such as "checkpoints/mnist_epoch_*.pt"): each evaluated, '
+        "and the metrics against the epoch in <out-dir>/training_curve.csv and .png",
     )
     ema: bool = setting(True, "use the EMA weights")
     num_samples: int = setting(10000, "images to generate for FID/IS/KID/precision/recall/CAS", positive_int)
+    repeats: int = setting(
+        1, "sample sets (seeds seed, seed+1, ...): each sample metric as mean ± std over them", positive_int
+    )
     batch_size: int = setting(250, "images per sampler / feature batch", positive_int)
-    seed: int = setting(0, "seed of the sampling noise, image subsets and KID subsets", int)
+    seed: int = setting(0, "seed of the sampling noise, image subsets and KID subsets", seed_number)
     metrics: tuple[str, ...] = setting(
-        METRICS, "comma-separated subset of " + ", ".join(METRICS), metric_names
+        METRICS,
+        "comma-separated subset of " + ", ".join(METRICS) + " (cas: class-conditional checkpoints only; "
+        "the default skips it for others)",
+        metric_names,
     )
     inception_weights: str | None = setting(None, "local copy of torch-fidelity's InceptionV3 weights")
     classifier: str | None = setting(
@@ -273,6 +286,8 @@ class EvaluationSettings(Settings):
         int_tuple,
     )
     num_recon: int = setting(100, "test images to reconstruct per t", positive_int)
+    nll: bool = setting(False, "also the NLL bound in bits/dim (Ho et al. eq. 5) on --num-nll test images")
+    num_nll: int = setting(1000, "test images of --nll (each costs T model evaluations)", positive_int)
     out_dir: str = setting("eval_outputs", "folder of the default JSON and sample grid")
     json: str | None = setting(None, "JSON report path (default <out-dir>/eval_<checkpoint>.json)")
     cache_dir: str | None = setting(None, "torch-fidelity cache (default $TORCH_HOME/fidelity_cache)")
@@ -305,7 +320,7 @@ class VisualisationSettings(Settings):
     strip_steps: int = setting(10, "columns (steps) in strip.png", positive_int)
     gif_frames: int = setting(60, "most frames in reverse.gif", positive_int)
     out_dir: str = setting("step_outputs_mnist", "where images, CSVs and plots go")
-    seed: int = setting(0, "seed for the image choice, the noise and the sampler", int)
+    seed: int = setting(0, "seed for the image choice, the noise and the sampler", seed_number)
     device: str = setting("auto", "auto | cpu | cuda[:N]")
 
 

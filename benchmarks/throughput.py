@@ -50,7 +50,7 @@ from checkpointing import build_model
 from cli import OneLineErrorParser, parse_with_preset, positive_int, run_cli
 from messages import UserError
 from model import UNet, count_parameters
-from output_files import write_json
+from output_files import atomic_write, write_json
 from runtime import (
     AMP_DTYPES,
     SpeedPlan,
@@ -282,8 +282,8 @@ def profile_training(contestant: Contestant, steps: int, path: str) -> None:
     sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70)
     print(f"\nprofile of {steps} training steps of ours, sorted by {sort_by}:\n{table}")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(table)
+    with atomic_write(path) as temp:
+        temp.write_text(table)
 
 
 def peak_flops(device: torch.device, amp: str) -> float | None:

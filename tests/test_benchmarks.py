@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_UNET_FLAGS
 
-from benchmarks import colour_training, sampling_speed, steps_vs_quality, throughput, time_to_digits
+from benchmarks import chaos, colour_training, sampling_speed, steps_vs_quality, throughput, time_to_digits
 from messages import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,10 +96,19 @@ def test_time_to_digits_trains_through_the_trainer_and_evaluates(tmp_path):
     assert set(results) == {"real train digits", "ours"}
     ours = results["ours"]
     assert ours["train_command"].startswith("train_MNIST.py --preset cpu --data mnist-5k --max-minutes 0.02")
-    assert ours["steps"] >= 1 and ours["parameters"] == 1_085_937 and (out_dir / "ours" / "last.pt").is_file()
+    assert ours["steps"] >= 1 and ours["parameters"] == 1_128_577 and (out_dir / "ours" / "last.pt").is_file()
     assert math.isfinite(ours["fid"]) and "predicted-class histogram" in printed
 
 
 def test_gpu_report_script_parses():
     result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_report.sh")], capture_output=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_chaos_kills_once_and_the_resumed_run_is_bit_identical(tmp_path):
+    """benchmarks.chaos reduced: one SIGKILL in a 2-step run, then the resume; bit-identical."""
+    run_quietly(chaos.main, ["--kills", "1", "--epochs", "2", "--images", "16", "--out-dir", str(tmp_path),
+                             "--json", str(tmp_path / "chaos.json")])  # fmt: skip
+    result = json.loads((tmp_path / "chaos.json").read_text())
+    assert result["identical"] and result["differences"] == [] and len(result["launches"]) == 2
+    assert result["launches"][-1]["exit_status"] == 0 and result["checkpoints_loaded"] >= 1
