@@ -12,8 +12,9 @@ Presets (`train_MNIST.py --preset NAME`) replace some defaults; flags given expl
        arXiv:2202.00512), min-SNR-5 weights (Hang et al. 2023, arXiv:2303.09556), AdamW 2e-3,
        EMA 0.999, bf16 autocast
   cifar10  Ho et al. 2020's CIFAR-10 run (arXiv:2006.11239, appendix B): a 35.7M U-Net of 128 channels,
-       widths 1,2,2,2, 2 blocks per level, attention at 16x16, dropout 0.1; linear betas, eps,
-       AdamW 2e-4 (constant after 5,000 warm-up steps), batch 128, EMA 0.9999, 800k steps, flips
+       widths 1,2,2,2, 2 blocks per level, attention at 16x16, dropout 0.1, the embedding added
+       before the norm; linear betas, eps, AdamW 2e-4 (constant after 5,000 warm-up steps), batch
+       128, EMA 0.9999, 800k steps, horizontal flips
 
 Example:
     parser = OneLineErrorParser()
@@ -146,6 +147,11 @@ class ModelSettings(Settings):
     attn_resolutions: tuple[int, ...] = setting((14,), "feature-map sizes with self-attention", int_tuple)
     dropout: float = setting(0.1, "dropout in the residual blocks, in [0, 1)", fraction)
     class_cond: bool = setting(False, "condition on the class labels (classifier-free guidance)")
+    scale_shift_norm: bool = setting(
+        True,
+        "the embedding scales and shifts each block after its norm (Dhariwal & Nichol 2021); "
+        "--no-scale-shift-norm adds it before the norm, as Ho et al. 2020",
+    )
 
     def unet_config(self, in_channels: int, image_size: int) -> dict[str, Any]:
         """The keyword arguments of model.UNet, as plain values (lists, not tuples)."""
@@ -158,7 +164,7 @@ class ModelSettings(Settings):
             "dropout": self.dropout,
             "num_classes": NUM_CLASSES if self.class_cond else None,
             "image_size": image_size,
-            "scale_shift_norm": True,
+            "scale_shift_norm": self.scale_shift_norm,
         }
 
 
@@ -347,6 +353,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_res_blocks": 2,
         "attn_resolutions": (16,),
         "dropout": 0.1,
+        "scale_shift_norm": False,
         "schedule": "linear",
         "prediction": "eps",
         "lr": 2e-4,
