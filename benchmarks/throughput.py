@@ -240,7 +240,7 @@ class TrainerContestant(Contestant):
             run=RunSettings(out_dir=str(out_dir), seed=args.seed, log_every=10**9),
         )
         processes = setup_processes(runtime.device)
-        self.run = prepare_run(job, processes)
+        self.run = prepare_run(job, processes, out_dir)  # a private temp folder: no lock
         self.run.bar.disable = True
         self.batches = epoch_batches(len(self.run.images), args.batch_size, args.seed, processes)
         self.batch_index, self.iters, self.device = 0, args.iters, processes.device
