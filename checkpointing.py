@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import re
@@ -37,6 +38,7 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "demo_mnist5k.pt
 DEMO_CHECKPOINT_SHA256 = "a6c6f6fc33cb9916c1e54da3fe8cf6b135c4db9dc401eb1645571de7bd07665b"
 DEMO_NAME = "demo"
 LAST_NAME = "last.pt"
+GLOB_CHARACTERS = "*?["
 EPOCH_PATTERN = re.compile(r"mnist_epoch_(\d+)\.pt$")
 REQUIRED_KEYS = ("config",)  # dicts; and weights: "model", "ema" or both
 CONFIG_KEYS = ("model", "diffusion")  # what rebuilds the U-Net and the diffusion
@@ -144,6 +146,26 @@ def resolve_checkpoint(name: str | None, directory: str | Path = DEFAULT_CHECKPO
             raise
     note(f"no checkpoint in {directory}/: using the demo model {demo}")
     return demo
+
+
+def resolve_checkpoints(names: str | None, directory: str | Path = DEFAULT_CHECKPOINT_DIR) -> list[Path]:
+    """What a --checkpoint that may name several means: comma-separated entries, each resolved by
+    resolve_checkpoint ("demo", a path) or, when it holds * ? or [, a glob pattern (its matches in
+    name order; none is an error). None: the one checkpoint resolve_checkpoint picks."""
+    if names is None:
+        return [resolve_checkpoint(None, directory)]
+    paths = []
+    for entry in (part.strip() for part in names.split(",") if part.strip()):
+        if not any(character in entry for character in GLOB_CHARACTERS):
+            paths.append(resolve_checkpoint(entry, directory))
+            continue
+        matches = sorted(Path(match) for match in glob.glob(entry))
+        if not matches:
+            raise CheckpointError(f"no checkpoint file matches {entry}")
+        paths += matches
+    if not paths:
+        raise CheckpointError("--checkpoint names no checkpoint")
+    return list(dict.fromkeys(paths))
 
 
 def build_model(config: dict[str, Any]) -> UNet:

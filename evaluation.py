@@ -1,5 +1,5 @@
 """Evaluation of a checkpoint: sample, then FID / IS / KID / precision / recall next to the real-data
-floor, CAS, and reconstruction scores, with the provenance of every number.
+floor, CAS, memorisation, reconstruction scores and the NLL bound, with the provenance of every number.
 
 Generative metrics go through feature_metrics.py (torch-fidelity) against the test split of the
 checkpoint's data, with the classifier of classifier.py (always: the shipped one for MNIST, else
@@ -9,6 +9,12 @@ noise). CAS (Ravuri & Vinyals 2019, arXiv:1905.10887) trains the classifier on t
 class-conditional model and tests it on real test images. Reconstruction noises test images to t
 with q(x_t | x_0) and denoises them back (sampling.reconstruction_sweep).
 
+--repeats K draws K sample sets (seeds seed .. seed+K-1) and K floor subsets; every sample metric
+is then the mean over them, with its spread and values (repeats.py). Memorisation (memorisation.py)
+finds each sample's nearest training image and the copy rate against held-out test images; --nll
+adds the variational bound in bits/dim on test images (likelihood.py, Ho et al. 2020,
+arXiv:2006.11239, eq. 5).
+
 Example:
     report = evaluate(EvaluationSettings(num_samples=1000), SamplingSettings(), RuntimeSettings(),
                       DataSettings(data=None), command="eval_MNIST.py --num-samples 1000")
@@ -17,15 +23,23 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint, weights_used
+from checkpointing import (
+    LEGACY_IMAGE_SHAPE,
+    data_source,
+    image_shape,
+    load_for_inference,
+    resolve_checkpoint,
+    weights_used,
+)
 from classifier import accuracy, data_label, ensure_classifier, judge, load_classifier, train_classifier
-from data_sources import load_images, to_model_range
+from data_sources import load_images, shape_options, to_model_range
 from diffusion import GaussianDiffusion
 from feature_metrics import (
     Comparison,
@@ -36,12 +50,16 @@ from feature_metrics import (
     metrics_per_extractor,
     noise_set,
     real_set,
+    skipped,
 )
 from image_metrics import to_uint8
+from likelihood import nll_bits_per_dim
+from memorisation import CopyDetector, Memorisation
 from messages import UserError, note
-from output_files import OutputError, writable_dir, write_json
+from output_files import OutputError, writable_dir, write_csv, write_json
 from pictures import save_image_grid
 from provenance import hardware, library_versions, sha256_of_file, sha256_of_tensor
+from repeats import OVER_REPEATS, summarise_repeats
 from runtime import SpeedPlan, configure_fast_path, plan_speed, prepare_unet, resolve_device, seed_everything
 from sampling import check_sampling, generate_samples, reconstruction_sweep, sweep_timesteps
 from settings import METRICS, DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
@@ -49,6 +67,16 @@ from settings import METRICS, DataSettings, EvaluationSettings, RuntimeSettings,
 GRID_COLUMNS = 10
 GRID_ROWS_UNCONDITIONAL = 10
 COLUMN_TITLES = {"generated": "generated", "floor": "train (floor)", "ceiling": "noise (ceiling)"}
+SINGLE_VALUED = (
+    "fid",
+    "precision",
+    "recall",
+    "mean_confidence",
+    "cas_accuracy",
+    "copy_rate",
+    "median_distance",
+)
+METRIC_SECTIONS = ("generated", "floor", "ceiling", "cas", "memorisation", "reconstruction", "nll")
 TABLE_ROWS = (("fid", "FID"), ("is", "IS"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"))
 SCALES = {
     "mse": "mean squared error per image on [0, 1] pixels (0 = identical, 1 = opposite)",
@@ -103,22 +131,68 @@ def load_model(
     )
 
 
-def output_paths(settings: EvaluationSettings, stem: str) -> tuple[Path, Path]:
-    """The JSON path and the sample grid beside it; their folder must be writable."""
+@dataclass
+class OutputPaths:
+    """The JSON report and the files written beside it (<stem>_samples.png, ...)."""
+
+    json: Path
+    samples_png: Path
+    closest_png: Path
+    nearest_csv: Path
+
+
+def output_paths(settings: EvaluationSettings, stem: str) -> OutputPaths:
+    """The JSON path and the files beside it; their folder must be writable."""
     json_path = Path(settings.json) if settings.json else Path(settings.out_dir) / f"eval_{stem}.json"
     writable_dir(json_path.parent)
     if json_path.is_dir():
         raise OutputError(f"cannot write the JSON report to {json_path}: it is a folder")
-    return json_path, json_path.with_name(f"{json_path.stem}_samples.png")
+
+    def beside(suffix: str) -> Path:
+        return json_path.with_name(f"{json_path.stem}_{suffix}")
+
+    return OutputPaths(json_path, beside("samples.png"), beside("closest.png"), beside("nearest.csv"))
+
+
+@dataclass
+class RealData:
+    """The data set's images in [-1, 1]: the test split [N, C, H, W] with its labels [N], the train split."""
+
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    train_images: torch.Tensor
+
+
+@functools.lru_cache(maxsize=2)
+def load_real_data(name: str, data_dir: str | None, at_shape: dict[str, Any]) -> RealData:
+    """Both splits of a data set (at_shape: load_images' image_size and channels, or {} for the data
+    set's own), read once per process (evaluations of several checkpoints share them; nothing changes
+    them in place)."""
+    test_images, test_labels = load_images(name, "test", data_dir, **at_shape)
+    return RealData(test_images, test_labels, load_images(name, "train", data_dir, **at_shape)[0])
+
+
+def repeat_seeds(settings: EvaluationSettings) -> list[int]:
+    """The seeds of the --repeats sample sets (and floor subsets): seed, seed + 1, ..."""
+    return [settings.seed + repeat for repeat in range(settings.repeats)]
 
 
 def resolve_extractors(
-    settings: EvaluationSettings, data: str, data_dir: str | None, device: torch.device
+    settings: EvaluationSettings,
+    data: str,
+    data_dir: str | None,
+    device: torch.device,
+    test_set: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[list, dict[str, Any]]:
-    """The feature extractors among --metrics that can run, and the provenance of each."""
+    """The feature extractors among --metrics that can run (the classifier one for data of two or
+    more classes, at the test images' shape), and the provenance of each."""
     extractors, provenance = [], {}
-    if "classifier" in settings.metrics:
-        path = ensure_classifier(data, data_dir, settings.classifier, device)
+    if "classifier" in settings.metrics and len(test_set[1].unique()) < 2:
+        provenance["classifier"] = skipped(
+            f"classifier metrics skipped: {data_label(data, data_dir)} has one class (use the Inception ones)"
+        )
+    elif "classifier" in settings.metrics:
+        path = ensure_classifier(data, data_dir, settings.classifier, device, tuple(test_set[0].shape[1:]))
         extractor, provenance["classifier"] = classifier_extractor(path, data_label(data, data_dir))
         extractors.append(extractor)
     if "inception" in settings.metrics:
@@ -139,13 +213,18 @@ def set_metrics(images: ImageSet, comparison: Comparison) -> dict[str, Any]:
 
 
 def classifier_comparison(
-    data: str, data_dir: str | None, batch_size: int, seed: int, device: torch.device
+    data: str,
+    data_dir: str | None,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    image_shape: tuple[int, int, int] = LEGACY_IMAGE_SHAPE,
 ) -> Comparison:
-    """A Comparison with the data set's test split as the reference and its classifier (shipped, or
-    trained once) as the only extractor: what the benchmarks judge samples with."""
+    """A Comparison with the data set's test split (at image_shape) as the reference and its
+    classifier (shipped, or trained once) as the only extractor: what the benchmarks judge samples with."""
     label = data_label(data, data_dir)
-    test_images, _ = load_images(data, "test", data_dir)
-    extractor, _ = classifier_extractor(ensure_classifier(data, data_dir, None, device), label)
+    test_images, _ = load_images(data, "test", data_dir, **shape_options(image_shape))
+    extractor, _ = classifier_extractor(ensure_classifier(data, data_dir, None, device, image_shape), label)
     return Comparison(real_set(test_images, label, "test"), [extractor], batch_size, seed, device)
 
 
@@ -177,52 +256,117 @@ def class_accuracy_score(
     }
 
 
+def sample_set_metrics(
+    samples: torch.Tensor,
+    labels: torch.Tensor | None,
+    settings: EvaluationSettings,
+    real: RealData,
+    comparison: Comparison,
+    copy_detector: CopyDetector | None,
+    seed: int,
+) -> tuple[dict[str, Any], Memorisation | None]:
+    """Every metric of one sample set: feature metrics, CAS (class-conditional models) and the
+    memorisation check (None without a copy_detector)."""
+    metrics = {"generated": set_metrics(ImageSet(to_uint8(samples)), comparison), "cas": None}
+    if labels is not None and "cas" in settings.metrics:
+        test_set = (real.test_images, real.test_labels)
+        metrics["cas"] = class_accuracy_score(
+            samples, labels, test_set, settings.cas_epochs, seed, comparison.device
+        )
+    copies = None if copy_detector is None else copy_detector.check(samples)
+    metrics["memorisation"] = None if copies is None else copies.summary()
+    return metrics, copies
+
+
 def evaluate_model(
     loaded: LoadedModel,
     settings: EvaluationSettings,
     sampling: SamplingSettings,
     plan: SpeedPlan,
-    test_set: tuple[torch.Tensor, torch.Tensor],
-    grid_path: Path,
+    real: RealData,
+    paths: OutputPaths,
     comparison: Comparison,
+    copy_detector: CopyDetector | None,
 ) -> dict[str, Any]:
-    """Sample, save the grid, then the metrics of the samples: feature metrics, CAS, reconstruction."""
-    device = comparison.device
-    samples, labels = generate_samples(
+    """--repeats sample sets (seeds seed, seed + 1, ...), each scored by sample_set_metrics and
+    summarised as mean ± std; the first one's grid and closest pairs saved; then reconstruction."""
+    per_repeat, nearest_rows = [], []
+    for repeat, seed in enumerate(repeat_seeds(settings)):
+        samples, labels = generate_samples(
+            loaded.network,
+            loaded.diffusion,
+            settings.num_samples,
+            sampling=sampling,
+            image_shape=loaded.image_shape,
+            seed=seed,
+            device=comparison.device,
+            amp=plan.amp,
+            batch_size=settings.batch_size,
+        )
+        metrics, copies = sample_set_metrics(samples, labels, settings, real, comparison, copy_detector, seed)
+        per_repeat.append(metrics)
+        if repeat == 0:
+            save_sample_grid(samples, labels, paths.samples_png)
+        if copies is not None:
+            if repeat == 0:
+                pairs = copies.closest_pairs(samples, real.train_images)
+                save_image_grid(pairs, paths.closest_png, columns=len(pairs) // 2)
+            nearest_rows += copies.rows(repeat)[0 if repeat == 0 else 1 :]
+    if nearest_rows:
+        write_csv(nearest_rows, paths.nearest_csv)
+    metrics = summarise_repeats(per_repeat)
+    if "recon" in settings.metrics:
+        metrics["reconstruction"] = reconstruction_scores(
+            loaded, settings, sampling, plan, real, comparison.device
+        )
+    if settings.nll:
+        metrics["nll"] = nll_of_test_split(loaded, settings, real, comparison.device)
+    return metrics
+
+
+def nll_of_test_split(
+    loaded: LoadedModel, settings: EvaluationSettings, real: RealData, device: torch.device
+) -> dict[str, Any]:
+    """The variational bound in bits/dim (likelihood.py) of --num-nll test images (a seeded subset;
+    a class-conditional model is given their labels)."""
+    order = torch.randperm(len(real.test_images), generator=torch.Generator().manual_seed(settings.seed))
+    subset = order[: settings.num_nll]
+    labels = None if loaded.num_classes is None else real.test_labels[subset]
+    return nll_bits_per_dim(
         loaded.network,
         loaded.diffusion,
-        settings.num_samples,
+        real.test_images[subset],
+        labels,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        device=device,
+    )
+
+
+def reconstruction_scores(
+    loaded: LoadedModel,
+    settings: EvaluationSettings,
+    sampling: SamplingSettings,
+    plan: SpeedPlan,
+    real: RealData,
+    device: torch.device,
+) -> dict[str, Any]:
+    """--num-recon test images (a seeded subset) noised to each --recon-t and denoised back."""
+    subset = torch.randperm(len(real.test_images), generator=torch.Generator().manual_seed(settings.seed))
+    subset = subset[: settings.num_recon]
+    sweep = reconstruction_sweep(
+        loaded.network,
+        loaded.diffusion,
+        real.test_images[subset],
+        sweep_timesteps(settings.recon_t, loaded.diffusion.T),
         sampling=sampling,
-        image_shape=loaded.image_shape,
         seed=settings.seed,
         device=device,
         amp=plan.amp,
+        labels=real.test_labels[subset],
         batch_size=settings.batch_size,
     )
-    save_sample_grid(samples, labels, grid_path)
-    metrics = {"generated": set_metrics(ImageSet(to_uint8(samples)), comparison)}
-    if labels is not None and "cas" in settings.metrics:
-        metrics["cas"] = class_accuracy_score(
-            samples, labels, test_set, settings.cas_epochs, settings.seed, device
-        )
-    if "recon" in settings.metrics:
-        test_images, test_labels = test_set
-        subset = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(settings.seed))
-        subset = subset[: settings.num_recon]
-        sweep = reconstruction_sweep(
-            loaded.network,
-            loaded.diffusion,
-            test_images[subset],
-            sweep_timesteps(settings.recon_t, loaded.diffusion.T),
-            sampling=sampling,
-            seed=settings.seed,
-            device=device,
-            amp=plan.amp,
-            labels=test_labels[subset],
-            batch_size=settings.batch_size,
-        )
-        metrics["reconstruction"] = sweep | {"scale": SCALES}
-    return metrics
+    return sweep | {"scale": SCALES}
 
 
 def save_sample_grid(samples: torch.Tensor, labels: torch.Tensor | None, path: Path) -> None:
@@ -235,11 +379,22 @@ def save_sample_grid(samples: torch.Tensor, labels: torch.Tensor | None, path: P
     save_image_grid(torch.cat([images[:columns] for images in per_class]), path, columns=columns)
 
 
+def report_outputs(paths: OutputPaths, sampled: bool, copies: bool) -> dict[str, str | None]:
+    """The files a report names: the JSON, and the sample grid and memorisation files when written."""
+    return {
+        "json": str(paths.json),
+        "samples_png": str(paths.samples_png) if sampled else None,
+        "closest_png": str(paths.closest_png) if copies else None,
+        "nearest_csv": str(paths.nearest_csv) if copies else None,
+    }
+
+
 def sampling_provenance(loaded: LoadedModel, settings: EvaluationSettings, sampling: SamplingSettings, plan):
     T = loaded.diffusion.T
     return asdict(sampling) | {
         "steps": len(loaded.diffusion.timesteps(sampling.sampler, sampling.steps, T - 1)),
         "num_samples": settings.num_samples,
+        "seeds": repeat_seeds(settings),
         "batch_size": settings.batch_size,
         "amp": plan.amp,
         "compiled": plan.compile_mode if plan.compile else None,
@@ -264,28 +419,41 @@ def evaluate(
     name, data_dir = data.data or trained_on[0], data.data_dir or (None if data.data else trained_on[1])
     label = data_label(name, data_dir)
     stem = Path(loaded.provenance["path"]).stem if loaded is not None else f"baselines_{label}"
-    json_path, grid_path = output_paths(settings, stem)
+    paths = output_paths(settings, stem)
 
-    test_set = load_images(name, "test", data_dir)
-    train_images, _ = load_images(name, "train", data_dir)
-    extractors, extractor_info = resolve_extractors(settings, name, data_dir, device)
+    at_shape = shape_options(loaded.image_shape) if loaded is not None else {}
+    real = load_real_data(name, data_dir, at_shape)
+    test_images = real.test_images
+    extractors, extractor_info = resolve_extractors(
+        settings, name, data_dir, device, (real.test_images, real.test_labels)
+    )
     comparison = Comparison(
-        real_set(test_set[0], label, "test"),
+        real_set(test_images, label, "test"),
         extractors,
         settings.batch_size,
         settings.seed,
         device,
         settings.cache_dir,
     )
-    metrics = {"generated": None, "floor": None, "ceiling": None, "cas": None, "reconstruction": None}
+    metrics = {name: None for name in METRIC_SECTIONS}
     if loaded is not None:
-        metrics |= evaluate_model(loaded, settings, sampling, plan, test_set, grid_path, comparison)
+        copy_detector = None
+        if "memorisation" in settings.metrics:
+            judge_path = ensure_classifier(
+                name, data_dir, settings.classifier, device, tuple(test_images.shape[1:])
+            )
+            copy_detector = CopyDetector(
+                real.train_images, test_images, load_classifier(judge_path, device)[0]
+            )
+        metrics |= evaluate_model(loaded, settings, sampling, plan, real, paths, comparison, copy_detector)
     if extractors:
-        metrics["floor"] = set_metrics(
-            floor_set(train_images, settings.num_samples, label, settings.seed), comparison
-        )
+        floors = [
+            set_metrics(floor_set(real.train_images, settings.num_samples, label, seed), comparison)
+            for seed in repeat_seeds(settings)
+        ]
+        metrics["floor"] = summarise_repeats(floors)
     if settings.baselines or settings.baselines_only:
-        shape = tuple(test_set[0].shape[1:])
+        shape = tuple(test_images.shape[1:])
         metrics["ceiling"] = set_metrics(noise_set(settings.num_samples, shape, settings.seed), comparison)
 
     report = {
@@ -299,15 +467,16 @@ def evaluate(
             },
             "sampling": None if loaded is None else sampling_provenance(loaded, settings, sampling, plan),
             "seed": settings.seed,
+            "repeats": settings.repeats,
             "feature_extractors": extractor_info,
             "versions": library_versions(),
             "device": hardware(device),
             "command": command,
         },
         "metrics": metrics,
-        "outputs": {"json": str(json_path), "samples_png": None if loaded is None else str(grid_path)},
+        "outputs": report_outputs(paths, loaded is not None, metrics["memorisation"] is not None),
     }
-    write_json(report, json_path)
+    write_json(report, paths.json)
     return report
 
 
@@ -315,16 +484,29 @@ def evaluate(
 
 
 def format_cell(metrics: dict | None, key: str) -> str:
-    """One table cell: FID, precision or recall, or mean ± std of IS / KID; '-' where not measured."""
+    """One table cell: mean ± std over the repeats when there are several; else FID, precision or
+    recall, or IS / KID with their own ± (over IS splits, KID subsets); '-' where not measured."""
     if metrics is None:
         return "-"
-    if key in ("fid", "precision", "recall", "mean_confidence"):
+    name = key if key in SINGLE_VALUED else key + "_mean"
+    spread = metrics.get(OVER_REPEATS, {}).get(name)
+    if spread is not None:
+        return f"{spread['mean']:.4g} ± {spread['std']:.3g}"
+    if key in SINGLE_VALUED:
         return f"{metrics[key]:.4g}"
-    return f"{metrics[key + '_mean']:.4g} ± {metrics[key + '_std']:.3g}"
+    return f"{metrics[name]:.4g} ± {metrics[key + '_std']:.3g}"
 
 
-def fidelity_table(metrics: dict[str, Any]) -> list[str]:
-    """Feature metrics per extractor (rows) and compared set (columns)."""
+def spread_note(metrics: dict[str, Any], repeats: int) -> str:
+    """What the table's ± means."""
+    if repeats > 1:
+        return f"±: standard deviation over {repeats} sample sets (seeds) and {repeats} floor subsets"
+    generated = next(iter(metrics.values()))
+    return f"±: IS over splits, KID over random subsets of {generated['kid_subset_size']} images"
+
+
+def fidelity_table(metrics: dict[str, Any], repeats: int = 1) -> list[str]:
+    """Feature metrics per extractor (rows) and compared set (columns), and what ± means."""
     columns = {name: metrics[name] for name in COLUMN_TITLES if metrics.get(name)}
     labels = [label for label in ("classifier", "inception") if any(label in c for c in columns.values())]
     if not labels:
@@ -335,6 +517,23 @@ def fidelity_table(metrics: dict[str, Any]) -> list[str]:
         for key, title in rows:
             cells = [format_cell(values.get(label), key) for values in columns.values()]
             lines.append(f"{label + ' ' + title:<22}" + "".join(f"{cell:>22}" for cell in cells))
+    return [*lines, spread_note(next(iter(columns.values())), repeats)]
+
+
+def memorisation_lines(memorisation: dict[str, Any]) -> list[str]:
+    """The copy rate and median nearest-training distance in each space."""
+    lines = [
+        "memorisation (nearest training image; a copy is nearer than percentile "
+        f"{memorisation['percentile']:g} of the same distance of {memorisation['num_held_out']} "
+        "held-out test images):"
+    ]
+    for space, title in (("pixels", "pixels, L2 on [0, 1]"), ("classifier", "classifier features, L2")):
+        values = memorisation[space]
+        lines.append(
+            f"  {title:<26} copy rate {format_cell(values, 'copy_rate')}, median distance "
+            f"{format_cell(values, 'median_distance')} (held-out test images: "
+            f"{values['held_out_median_distance']:.4g})"
+        )
     return lines
 
 
@@ -352,11 +551,20 @@ def format_report(report: dict[str, Any]) -> str:
         )
     data = provenance["data"]
     lines.append(f"reference: {data['name']} {data['split']} split, {data['num_reference']} images")
-    lines += fidelity_table(metrics)
+    lines += fidelity_table(metrics, provenance["repeats"])
+    if metrics["memorisation"] is not None:
+        lines += memorisation_lines(metrics["memorisation"])
     if metrics["cas"] is not None:
         lines.append(
             "CAS (classifier trained on the samples, tested on real test images): "
-            f"accuracy {metrics['cas']['cas_accuracy']:.4f}"
+            f"accuracy {format_cell(metrics['cas'], 'cas_accuracy')}"
+        )
+    if metrics["nll"] is not None:
+        nll = metrics["nll"]
+        lines.append(
+            f"NLL bound (Ho et al. eq. 5) on {nll['num_images']} test images: {nll['bits_per_dim']:.4f} ± "
+            f"{nll['bits_per_dim_sem']:.4f} bits/dim (± standard error; prior {nll['prior_bpd']:.2g}, "
+            f"KL terms {nll['kl_terms_bpd']:.4f}, decoder L_0 {nll['decoder_bpd']:.4f})"
         )
     if metrics["reconstruction"] is not None:
         lines.append(

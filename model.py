@@ -1,9 +1,10 @@
-"""The light U-Net that predicts the noise (or v) of a 1-channel 28x28 image at timestep t.
+"""The U-Net that predicts the noise (or v) of an image (C x H x W: 1 x 28 x 28 for MNIST) at timestep t.
 
 The architecture of Ho et al. 2020 (arXiv:2006.11239, appendix B) as refined by Nichol & Dhariwal
 2021 (arXiv:2102.09672): residual blocks with GroupNorm and a timestep embedding, self-attention at
 chosen resolutions, and an optional class embedding with a "null" label for classifier-free guidance
-(Ho & Salimans 2022, arXiv:2207.12598).
+(Ho & Salimans 2022, arXiv:2207.12598). Any image size works: each downsampling halves a side
+rounding up (20 -> 10 -> 5 -> 3) and each upsampling returns to its skip connection's size.
 
 Example:
     model = UNet(model_channels=64, channel_mult=(1, 2, 2))
@@ -141,7 +142,7 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 convolution: 28 -> 14 -> 7 -> 4."""
+    """Stride-2 convolution, a side n -> ceil(n / 2): 28 -> 14 -> 7 -> 4, 32 -> 16 -> 8 -> 4."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -188,7 +189,8 @@ class UNet(nn.Module):
     """U-Net eps/v predictor: [B, in_channels, H, W], t [B] (, labels [B]) -> [B, in_channels, H, W].
 
     channel_mult gives the width of each resolution level as a multiple of model_channels;
-    attention_resolutions lists the feature-map sizes (28, 14, 7, 4) that get self-attention.
+    attention_resolutions lists the feature-map heights (28, 14, 7, 4 for image_size 28) that get
+    self-attention.
     With num_classes = K the labels 0..K-1 are embedded, and label K is the null label.
     scale_shift_norm: how the residual blocks take the embedding (see ResidualBlock).
     """

@@ -196,3 +196,33 @@ def save_sweep_plot(per_t: dict[str, dict], path: Path, title: str) -> None:
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     save_figure(figure, path, dpi=80)
+
+
+# ----- metrics over training (eval_MNIST.py with several checkpoints) -----------------------------
+
+CURVE_TITLES = {"fid": "FID", "is_mean": "IS", "precision": "precision", "recall": "recall"}
+
+
+def save_training_curves(rows: list[dict], path: Path) -> None:
+    """FID, IS, precision and recall against the epoch (training_curves.curve_rows), per extractor,
+    with error bars where there are standard deviations over repeats, and the floor dashed."""
+    epochs = np.array([np.nan if row["epoch"] is None else row["epoch"] for row in rows], dtype=float)
+    labels = [label for label in ("classifier", "inception") if f"{label}_fid" in rows[0]]
+    figure = Figure(figsize=(10, 6.5))
+    axes = figure.subplots(2, 2).flatten()
+    for axis, (key, title) in zip(axes, CURVE_TITLES.items(), strict=True):
+        for label, color in zip(labels, ("tab:blue", "tab:green"), strict=False):
+            for prefix, style, name in (("", "-o", "samples"), ("floor_", "--", "floor (real train)")):
+                values = np.array([row[f"{prefix}{label}_{key}"] for row in rows], dtype=float)
+                errors = [row[f"{prefix}{label}_{key}_std"] for row in rows]
+                errors = None if "" in errors else np.array(errors, dtype=float)
+                axis.errorbar(
+                    epochs, values, yerr=errors, fmt=style, color=color, capsize=3, label=f"{label} {name}"
+                )
+        axis.set(xlabel="epoch", ylabel=title, title=title)
+        axis.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    figure.suptitle("metrics over training", fontsize=10)
+    figure.tight_layout()
+    save_figure(figure, path, dpi=90)

@@ -11,6 +11,9 @@ Presets (`train_MNIST.py --preset NAME`) replace some defaults; flags given expl
        whose widths grow where the feature maps are small, v-prediction (Salimans & Ho 2022,
        arXiv:2202.00512), min-SNR-5 weights (Hang et al. 2023, arXiv:2303.09556), AdamW 2e-3,
        EMA 0.999, bf16 autocast
+  cifar10  Ho et al. 2020's CIFAR-10 run (arXiv:2006.11239, appendix B): a 35.7M U-Net of 128 channels,
+       widths 1,2,2,2, 2 blocks per level, attention at 16x16, dropout 0.1; linear betas, eps,
+       AdamW 2e-4 (constant after 5,000 warm-up steps), batch 128, EMA 0.9999, 800k steps, flips
 
 Example:
     parser = OneLineErrorParser()
@@ -21,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from cli import (
@@ -35,16 +38,16 @@ from cli import (
     positive_int,
     seed_number,
 )
-from data_sources import DATA_SETS
+from data_sources import DATA_SETS, NUM_CLASSES, flips_by_default
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 from runtime import AMP_MODES, COMPILE_MODES, SWITCHES
 
 LR_SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "cpu")
-NUM_CLASSES = 10  # digits (and Fashion-MNIST's ten classes)
 # Upper limits of the sizes, far above any useful value, so that a typo is one line, not an allocation
 # of terabytes: U-Net width, width multiplier per level, residual blocks per level, diffusion steps.
 MAX_MODEL_CHANNELS, MAX_CHANNEL_MULT, MAX_RES_BLOCKS, MAX_T = 1024, 16, 16, 100_000
+IMAGE_CHANNELS = (1, 3)
 
 
 def setting(default: Any, help: str, type=None, choices=None, flag: str | None = None):  # noqa: A002
@@ -63,16 +66,20 @@ class Settings:
         parser: argparse.ArgumentParser,
         defaults: Settings | None = None,
         helps: dict[str, str] | None = None,
+        names: tuple[str, ...] | None = None,
     ) -> None:
-        """Add one flag per field in a group: defaults from `defaults` (else the dataclass's), help
-        texts from `helps` where given (a script's own wording of what its default means)."""
+        """Add one flag per field (or per field among `names`) in a group: defaults from `defaults`
+        (else the dataclass's), help texts from `helps` where given (a script's own wording of what
+        its default means)."""
         defaults = defaults if defaults is not None else cls()
         group = parser.add_argument_group(cls.TITLE)
         for spec in fields(cls):
+            if names is not None and spec.name not in names:
+                continue
             meta, value = spec.metadata, getattr(defaults, spec.name)
             help_text = (helps or {}).get(spec.name, meta["help"])
             options = {"dest": spec.name, "default": value, "help": help_text}
-            if isinstance(value, bool):
+            if isinstance(value, bool) or meta["type"] is bool:  # bool, or None meaning "it depends"
                 options["action"] = argparse.BooleanOptionalAction
             else:
                 options |= {"type": meta["type"], "choices": meta["choices"]}
@@ -82,23 +89,50 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
-        return cls(**{spec.name: getattr(args, spec.name) for spec in fields(cls)})
+        """The dataclass of the parsed flags; fields without a flag (see add_flags' names) keep
+        their defaults."""
+        return cls(
+            **{spec.name: getattr(args, spec.name) for spec in fields(cls) if hasattr(args, spec.name)}
+        )
 
 
 @dataclass(frozen=True)
 class DataSettings(Settings):
     TITLE = "data"
-    data: str = setting("mnist", "data set (mnist downloads into data/ once)", choices=DATA_SETS)
-    data_dir: str | None = setting(None, "folder of MNIST-format IDX files (overrides --data)")
+    data: str = setting(
+        "mnist", "data set (mnist, cifar10, celeba download into data/ once)", choices=DATA_SETS
+    )
+    data_dir: str | None = setting(
+        None,
+        "folder of MNIST-format IDX files, CIFAR-10's cifar-10-batches-py, CelebA, or PNG/JPEG images "
+        "(a sub-folder per class); overrides --data",
+    )
+    image_size: int | None = setting(
+        None, "resize (centre-cropped) to S x S (default: the data's own size; celeba 64)", positive_int
+    )
+    channels: int | None = setting(
+        None, "1 (grey) or 3 (RGB) (default: the data's own)", int, choices=IMAGE_CHANNELS
+    )
+    hflip: bool | None = setting(
+        None, "random horizontal flips of the training batches (default: on for cifar10 and celeba)", bool
+    )
+    CHECKPOINT_FLAGS: ClassVar[tuple[str, ...]] = ("data", "data_dir")
 
     @classmethod
     def add_checkpoint_flags(cls, parser: argparse.ArgumentParser) -> None:
-        """--data and --data-dir for scripts that read a checkpoint: by default its own data."""
+        """--data and --data-dir for scripts that read a checkpoint: by default its own data, at the
+        checkpoint's image shape."""
         helps = {
             "data": "data set of the test images (default: the checkpoint's)",
-            "data_dir": "folder of MNIST-format IDX files (default: the checkpoint's)",
+            "data_dir": "folder of the test images, any layout --data-dir takes (default: the checkpoint's)",
         }
-        cls.add_flags(parser, cls(data=None), helps)
+        cls.add_flags(parser, cls(data=None), helps, cls.CHECKPOINT_FLAGS)
+
+    def with_defaults(self) -> DataSettings:
+        """hflip resolved for this data (on for CIFAR-10 and CelebA unless told otherwise)."""
+        if self.hflip is not None:
+            return self
+        return replace(self, hflip=flips_by_default(self.data, self.data_dir))
 
 
 @dataclass(frozen=True)
@@ -202,7 +236,7 @@ class RunSettings(Settings):
     log_every: int = setting(50, "steps between rows of train_log.csv", positive_int)
 
 
-METRICS = ("inception", "classifier", "cas", "recon")
+METRICS = ("inception", "classifier", "cas", "memorisation", "recon")
 
 
 def metric_names(text: str) -> tuple[str, ...]:
@@ -220,10 +254,15 @@ class EvaluationSettings(Settings):
     TITLE = "evaluation"
     checkpoint: str | None = setting(
         None,
-        "checkpoint: a path, demo (the shipped model), or by default the newest in checkpoints/, else demo",
+        "checkpoint: a path, demo (the shipped model), or by default the newest in checkpoints/, else demo; "
+        'several (comma-separated, or a quoted glob such as "checkpoints/mnist_epoch_*.pt"): each evaluated, '
+        "and the metrics against the epoch in <out-dir>/training_curve.csv and .png",
     )
     ema: bool = setting(True, "use the EMA weights")
     num_samples: int = setting(10000, "images to generate for FID/IS/KID/precision/recall/CAS", positive_int)
+    repeats: int = setting(
+        1, "sample sets (seeds seed, seed+1, ...): each sample metric as mean ± std over them", positive_int
+    )
     batch_size: int = setting(250, "images per sampler / feature batch", positive_int)
     seed: int = setting(0, "seed of the sampling noise, image subsets and KID subsets", seed_number)
     metrics: tuple[str, ...] = setting(
@@ -247,6 +286,8 @@ class EvaluationSettings(Settings):
         int_tuple,
     )
     num_recon: int = setting(100, "test images to reconstruct per t", positive_int)
+    nll: bool = setting(False, "also the NLL bound in bits/dim (Ho et al. eq. 5) on --num-nll test images")
+    num_nll: int = setting(1000, "test images of --nll (each costs T model evaluations)", positive_int)
     out_dir: str = setting("eval_outputs", "folder of the default JSON and sample grid")
     json: str | None = setting(None, "JSON report path (default <out-dir>/eval_<checkpoint>.json)")
     cache_dir: str | None = setting(None, "torch-fidelity cache (default $TORCH_HOME/fidelity_cache)")
@@ -298,6 +339,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ema_decay": 0.999,
         "batch_size": 128,
         "amp": "bf16",
+    },
+    "cifar10": {
+        "data": "cifar10",
+        "model_channels": 128,
+        "channel_mult": (1, 2, 2, 2),
+        "num_res_blocks": 2,
+        "attn_resolutions": (16,),
+        "dropout": 0.1,
+        "schedule": "linear",
+        "prediction": "eps",
+        "lr": 2e-4,
+        "lr_schedule": "constant",
+        "warmup_steps": 5000,
+        "batch_size": 128,
+        "ema_decay": 0.9999,
+        "epochs": 2052,  # 390 steps per epoch: enough for the 800k steps
+        "max_steps": 800_000,
+        "hflip": True,
     },
 }
 DEFAULT_PRESET = "gpu"

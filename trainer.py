@@ -33,7 +33,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,7 +51,7 @@ from checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from data_sources import load_images
+from data_sources import load_pixels, random_hflip, to_model_range
 from diffusion import GaussianDiffusion
 from folder_lock import FolderLock
 from messages import UserError
@@ -219,8 +219,12 @@ def refuse_to_overwrite(out_dir: Path) -> None:
 
 
 def load_training_data(job: TrainingJob, processes: Processes) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole training split on the device: images [N, C, H, W] in [-1, 1], labels [N]."""
-    images, labels = load_images(job.data.data, "train", job.data.data_dir)
+    """The whole training split on the device: uint8 pixels [N, C, H, W] (each batch is mapped to
+    [-1, 1] as it is drawn), labels [N]."""
+    data = job.data
+    images, labels = load_pixels(
+        data.data, "train", data.data_dir, image_size=data.image_size, channels=data.channels
+    )
     images_per_step = job.training.batch_size * processes.world_size
     if len(images) < images_per_step:
         raise UserError(
@@ -493,7 +497,9 @@ class Run:
     def train_step(self, indices: torch.Tensor, seconds: float) -> None:
         """Algorithm 1 on one batch, then clip, AdamW at the scheduled LR, and the EMA."""
         state, training = self.state, self.job.training
-        x0 = self.images[indices]
+        x0 = to_model_range(self.images[indices])
+        if self.job.data.hflip:
+            x0 = random_hflip(x0)
         labels = drop_labels(self.labels[indices], training.p_uncond) if self.job.model.class_cond else None
         with autocast_context(self.plan.amp, self.processes.device):
             loss = self.diffusion.training_loss(
@@ -642,6 +648,7 @@ def replicas_agree(model: torch.nn.Module, processes: Processes) -> bool:
 
 def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
     """Load the data, build or resume the state."""
+    job = replace(job, data=job.data.with_defaults())
     runtime = job.runtime
     plan = plan_speed(
         runtime.amp, runtime.compile, runtime.compile_mode, runtime.channels_last, processes.device,
@@ -679,7 +686,8 @@ def describe(run: Run, resumed: tuple[dict[str, Any], Path] | None) -> None:
     )
     processes.announce(
         f"U-Net {count_parameters(state.model):,} parameters | {job.data.data_dir or job.data.data}: "
-        f"{len(run.images):,} images {'x'.join(map(str, run.config['image_shape']))} | "
+        f"{len(run.images):,} images {'x'.join(map(str, run.config['image_shape']))}"
+        f"{', flipped' if job.data.hflip else ''} | "
         f"{processes.world_size} x {processes.device}, {run.plan.describe()} | "
         f"{run.steps_per_epoch} steps/epoch x {job.training.epochs} epochs{budget} | to {run.out_dir}/"
     )

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
-from data_sources import load_images, spread_over_classes
+from data_sources import load_images, shape_options, spread_over_classes
 from diffusion import GaussianDiffusion
 from messages import UserError
 from output_files import writable_dir, write_csv
@@ -58,11 +58,11 @@ def conditioning(
 def chosen_test_images(
     settings: VisualisationSettings, data: DataSettings, config: dict, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The test-split images [B, C, H, W] and labels [B] on device, and their indices: --index, else
-    --num-images spread over the classes (seeded)."""
+    """The test-split images [B, C, H, W] (at the checkpoint's image shape) and labels [B] on device,
+    and their indices: --index, else --num-images spread over the classes (seeded)."""
     trained_on = data_source(config)
     name, data_dir = data.data or trained_on[0], data.data_dir or (None if data.data else trained_on[1])
-    images, labels = load_images(name, "test", data_dir)
+    images, labels = load_images(name, "test", data_dir, **shape_options(image_shape(config)))
     indices = list(settings.index) or spread_over_classes(labels, settings.num_images, settings.seed)
     outside = [index for index in indices if not 0 <= index < len(images)]
     if outside:

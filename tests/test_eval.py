@@ -8,6 +8,7 @@ tests; the torch-fidelity tests call feature_metrics' functions directly on 200 
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import math
@@ -27,6 +28,7 @@ import evaluation as evaluation_module
 import feature_metrics
 import image_metrics
 import mnist_classifier
+import repeats
 import sampling
 from checkpointing import CHECKPOINT_VERSION, build_model, load_for_inference, save_checkpoint
 from cli import run_cli
@@ -36,6 +38,8 @@ from settings import SamplingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 40
+REPEATS = 2
+NUM_NLL = 4
 NUM_REAL = 200  # real images per set in the direct torch-fidelity tests
 RECON_T = (5, 99)  # small t, and T-1 of the tiny checkpoint (T = 100)
 SELF_FID_TOLERANCE = 1e-3  # FID(X, X) is 0 up to the float error of sqrtm-by-eigenvalues
@@ -92,6 +96,11 @@ def evaluation(tiny_checkpoint, classifier_path, tmp_path_factory) -> dict:
         "--inception-weights",
         str(missing),
         "--baselines",
+        "--repeats",
+        str(REPEATS),
+        "--nll",
+        "--num-nll",
+        str(NUM_NLL),
         "--recon-t",
         ",".join(map(str, RECON_T)),
         "--num-recon",
@@ -195,6 +204,7 @@ def test_report_has_every_key(evaluation):
         "eta": 0.0,
         "guidance": 1.0,
         "num_samples": NUM_SAMPLES,
+        "seeds": [0, 1],
         "batch_size": 250,
         "amp": "none",  # --amp auto on a CPU
         "compiled": None,
@@ -218,34 +228,108 @@ def test_report_has_every_key(evaluation):
         "scikit_image",
     }
     assert {"device", "command"} <= set(provenance)
+    assert provenance["repeats"] == REPEATS
     metrics = report["metrics"]
-    assert set(metrics) == {"generated", "floor", "ceiling", "cas", "reconstruction"}
+    assert set(metrics) == {"generated", "floor", "ceiling", "cas", "memorisation", "reconstruction", "nll"}
     assert metrics["cas"] is None  # the tiny model is unconditional
-    for values in [metrics["generated"], metrics["floor"], metrics["ceiling"]]:
+    per_set = {
+        "fid", "is_mean", "is_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall",
+        "num_images", "num_reference", "mean_confidence", "class_fractions",
+    }  # fmt: skip
+    for name in ("generated", "floor", "ceiling"):
+        values = metrics[name]
         assert set(values) == {"classifier"}
-        assert set(values["classifier"]) == {
-            "fid", "is_mean", "is_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall",
-            "num_images", "num_reference", "mean_confidence", "class_fractions",
-        }  # fmt: skip
-        fractions = values["classifier"].pop("class_fractions")
+        repeated = name != "ceiling"  # the noise ceiling is drawn once
+        assert set(values["classifier"]) == per_set | ({"over_repeats"} if repeated else set())
+        fractions = values["classifier"]["class_fractions"]
         assert len(fractions) == 10 and sum(fractions) == pytest.approx(1.0)
-        assert all(math.isfinite(value) for value in values["classifier"].values())
+        numbers = [
+            value for key, value in values["classifier"].items() if key in per_set - {"class_fractions"}
+        ]
+        assert all(math.isfinite(value) for value in numbers)
     assert set(metrics["reconstruction"]) == {"num_images", "scale", "per_t"}
     assert set(metrics["reconstruction"]["scale"]) == {"mse", "psnr", "ssim"}
+
+
+@pytest.mark.parametrize("name", ["generated", "floor"])
+def test_repeats_give_the_mean_spread_and_values_of_every_number(evaluation, name):
+    """--repeats 2: two sample sets (and two floor subsets) with seeds 0 and 1; each number is the mean
+    of its two values, and over_repeats keeps them with their sample standard deviation."""
+    values = evaluation["report"]["metrics"][name]["classifier"]
+    spreads = values["over_repeats"]
+    counts = {"num_images", "num_reference", "kid_subset_size"}  # the same in both repeats: kept as they are
+    assert set(spreads) == set(values) - {"class_fractions", "over_repeats"} - counts
+    for key, spread in spreads.items():
+        assert len(spread["values"]) == REPEATS
+        assert spread["mean"] == pytest.approx(sum(spread["values"]) / REPEATS) == values[key]
+        assert spread["std"] == pytest.approx(abs(spread["values"][0] - spread["values"][1]) / math.sqrt(2))
+    fid = spreads["fid"]["values"]
+    assert fid[0] != fid[1]  # different seeds draw different sets
+    assert values["num_images"] == NUM_SAMPLES
+
+
+def test_summary_of_repeats_averages_numbers_and_lists_and_keeps_counts_and_text():
+    first = {"fid": 40.0, "num_images": 10, "fractions": [0.5, 0.5], "note": "a", "cas": {"accuracy": 0.5}}
+    second = {"fid": 44.0, "num_images": 10, "fractions": [0.25, 0.75], "note": "b", "cas": {"accuracy": 0.7}}
+    summary = repeats.summarise_repeats([first, second])
+    assert summary["fid"] == 42.0 and summary["num_images"] == 10 and summary["note"] == "a"
+    assert summary["fractions"] == [0.375, 0.625]
+    assert summary["over_repeats"] == {
+        "fid": {"mean": 42.0, "std": pytest.approx(2 * math.sqrt(2)), "values": [40.0, 44.0]}
+    }
+    assert summary["cas"]["accuracy"] == pytest.approx(0.6) and "accuracy" in summary["cas"]["over_repeats"]
+    assert repeats.summarise_repeats([first]) is first
+
+
+def test_table_shows_mean_and_std_over_repeats_next_to_the_floor(evaluation):
+    lines = evaluation["stdout"].splitlines()
+    fid_line = next(line for line in lines if line.startswith("classifier FID"))
+    generated = evaluation["report"]["metrics"]["generated"]["classifier"]["over_repeats"]["fid"]
+    floor = evaluation["report"]["metrics"]["floor"]["classifier"]["over_repeats"]["fid"]
+    assert f"{generated['mean']:.4g} ± {generated['std']:.3g}" in fid_line
+    assert f"{floor['mean']:.4g} ± {floor['std']:.3g}" in fid_line
+    assert f"standard deviation over {REPEATS} sample sets" in evaluation["stdout"]
+
+
+def test_memorisation_is_in_the_report_with_its_pairs_and_nearest_table(evaluation):
+    report = evaluation["report"]
+    memorisation = report["metrics"]["memorisation"]
+    for space in ("pixels", "classifier"):
+        assert 0 <= memorisation[space]["copy_rate"] <= 1 and memorisation[space]["threshold"] > 0
+        assert len(memorisation[space]["over_repeats"]["copy_rate"]["values"]) == REPEATS
+    assert memorisation["num_held_out"] == 1000 and len(memorisation["closest"]) == 16
+    distances = [pair["distance"] for pair in memorisation["closest"]]
+    assert distances == sorted(distances)
+    with open(report["outputs"]["nearest_csv"]) as table:
+        rows = list(csv.reader(table))
+    assert (
+        rows[0][:3] == ["repeat", "sample", "pixels_train_index"] and len(rows) == 1 + REPEATS * NUM_SAMPLES
+    )
+    assert Image.open(report["outputs"]["closest_png"]).size == (2 * (16 * 30 + 2), 2 * (2 * 30 + 2))
+    assert "copy rate" in evaluation["stdout"]
+
+
+def test_nll_bound_is_in_the_report_with_every_term(evaluation):
+    nll = evaluation["report"]["metrics"]["nll"]
+    assert nll["num_images"] == NUM_NLL and len(nll["terms_per_t"]) == 100  # T of the tiny checkpoint
+    assert nll["bits_per_dim"] == pytest.approx(nll["prior_bpd"] + nll["decoder_bpd"] + nll["kl_terms_bpd"])
+    assert 0 < nll["bits_per_dim"] < 8  # a model that has learnt anything beats 8 bits per 8-bit pixel
+    assert f"{nll['bits_per_dim']:.4f} ± {nll['bits_per_dim_sem']:.4f} bits/dim" in evaluation["stdout"]
 
 
 def test_kid_subsets_are_smaller_than_the_sets(evaluation):
     """With 40 samples, KID's subsets hold half of them, so its spread is over subsets that differ."""
     generated = evaluation["report"]["metrics"]["generated"]["classifier"]
     assert generated["kid_subset_size"] == NUM_SAMPLES // 2 < feature_metrics.KID_SUBSET_SIZE
-    assert generated["kid_std"] > 0
+    assert min(generated["over_repeats"]["kid_std"]["values"]) > 0
 
 
 def test_baselines_bracket_the_generated_samples(evaluation):
+    """The tiny model's blurry digits lie between real training digits (floor) and uniform noise."""
     metrics = evaluation["report"]["metrics"]
     floor = metrics["floor"]["classifier"]["fid"]
     ceiling = metrics["ceiling"]["classifier"]["fid"]
-    assert floor < ceiling
+    assert floor < metrics["generated"]["classifier"]["fid"] < ceiling
     assert metrics["floor"]["classifier"]["num_images"] == NUM_SAMPLES
 
 
@@ -272,6 +356,23 @@ def test_sample_grid_is_written_beside_the_json(evaluation):
     assert evaluation["report"]["outputs"]["samples_png"] == str(grid)
     rows = NUM_SAMPLES // evaluation_module.GRID_COLUMNS
     assert Image.open(grid).size == (2 * (10 * 30 + 2), 2 * (rows * 30 + 2))  # 28 px + 2 px padding, x2
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", 100), ("dpm++2m", 50)])
+def test_ddpm_and_dpm_solver_evaluate_and_reconstruct(sampler, steps, tiny_checkpoint, tmp_path):
+    """Both samplers run through eval: the report records each one's model evaluations (DDPM: all
+    T = 100; DPM-Solver++: the default 50), and from t = 5 they keep the digit, from T-1 they cannot."""
+    json_path = tmp_path / "report.json"
+    run_eval(["--checkpoint", str(tiny_checkpoint), "--metrics", "recon", "--sampler", sampler,
+              "--num-samples", "10", "--recon-t", "5,99", "--num-recon", "8", "--json", str(json_path),
+              "--device", "cpu"])  # fmt: skip
+    report = json.loads(json_path.read_text())
+    assert (report["provenance"]["sampling"]["sampler"], report["provenance"]["sampling"]["steps"]) == (
+        sampler,
+        steps,
+    )
+    per_t = report["metrics"]["reconstruction"]["per_t"]
+    assert per_t["5"]["ssim_mean"] > per_t["99"]["ssim_mean"] + 0.3
 
 
 def test_sampling_is_reproducible_with_the_seed(tiny_checkpoint):
@@ -361,6 +462,36 @@ def test_conditional_model_gets_cas_and_a_grid_row_per_class(tmp_path, tiny_chec
     assert Image.open(tmp_path / "c_samples.png").size == (2 * (2 * 30 + 2), 2 * (10 * 30 + 2))
 
 
+def test_a_glob_of_epoch_checkpoints_gives_the_curve_csv_and_png(tiny_checkpoint, tmp_path):
+    """Two epoch checkpoints (the tiny one as epoch 1, a copy as epoch 2): two reports, one CSV row
+    each in epoch order with the samples' and the floor's metrics, and the PNG."""
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    save_checkpoint(checkpoint | {"epoch": 2, "step": 400}, tmp_path / "mnist_epoch_02.pt")
+    save_checkpoint(checkpoint, tmp_path / "mnist_epoch_01.pt")
+    out = tmp_path / "out"
+    stdout, _ = run_eval(
+        ["--checkpoint", str(tmp_path / "mnist_epoch_*.pt"), "--num-samples", "10", "--steps", "2",
+         "--metrics", "classifier", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+         "--device", "cpu"]
+    )  # fmt: skip
+    with open(out / "training_curve.csv") as table:
+        rows = list(csv.DictReader(table))
+    assert [(row["epoch"], row["step"]) for row in rows] == [("1", "200"), ("2", "400")]
+    for row in rows:
+        for key in ("fid", "is_mean", "precision", "recall"):
+            assert math.isfinite(float(row[f"classifier_{key}"])) and math.isfinite(
+                float(row[f"floor_classifier_{key}"])
+            )
+        assert row["classifier_fid_std"] == ""  # one repeat: no spread over repeats
+    assert rows[0]["floor_classifier_fid"] == rows[1]["floor_classifier_fid"]  # the same floor for both
+    assert Image.open(out / "training_curve.png").size[0] > 500
+    assert {path.name for path in out.glob("*.json")} == {
+        "eval_mnist_epoch_01.json",
+        "eval_mnist_epoch_02.json",
+    }
+    assert "training_curve.csv" in stdout
+
+
 # ----- input checks ------------------------------------------------------------------------------
 
 
@@ -381,6 +512,11 @@ BAD_INPUTS = {  # case: (arguments, what the one error line must say)
     "unwritable output": (
         ["--checkpoint", "{tiny}", "--json", "{tmp}/a_file/r.json"],
         "cannot create output",
+    ),
+    "glob matches nothing": (["--checkpoint", "{tmp}/mnist_epoch_*.pt"], "no checkpoint file matches"),
+    "json with several": (
+        ["--checkpoint", "{tiny},demo", "--json", "{tmp}/r.json"],
+        "--json names one report",
     ),
     "guidance, unconditional": (["--checkpoint", "{tiny}", "--guidance", "3"], "needs a class-conditional"),
     "corrupt classifier": (

@@ -1,0 +1,169 @@
+"""Negative log-likelihood in bits/dim from DDPM's variational bound (Ho et al. 2020, arXiv:2006.11239).
+
+The bound of Ho et al. eq. 5, for 8-bit images scaled to [-1, 1]:
+    L = L_T + sum_{t=2..T} L_{t-1} + L_0
+    L_T     = KL(q(x_T | x_0) || N(0, I))                              the prior term
+    L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))       Gaussians (eqs. 6-7)
+    L_0     = -log p_theta(x_0 | x_1)                                   the discretized Gaussian
+              decoder of section 3.3 (eq. 13): 256 bins of width 2/255, the end bins open to +-inf.
+In diffusion.py's index convention (index t is the paper's step t+1) the KL terms sit at indices
+1..T-1 and the decoder at index 0. Each term is taken at one x_t ~ q(x_t | x_0) (fresh noise per
+index, drawn in the order T-1, ..., 0), averaged over the C*H*W dimensions and divided by log 2:
+bits/dim. The sum bounds -log2 p(x_0) / (C*H*W) from above, per image.
+
+p_theta: the networks here predict eps or v and have no learned variance, so p_theta(x_{t-1} | x_t)
+= N(mu_tilde(x_t, x0_hat), sigma_t^2 I) with sigma_t^2 = beta_tilde_t, the posterior variance (one
+of Ho et al.'s two choices, section 3.2), and x0_hat clipped to [-1, 1]: the very distribution the
+DDPM sampler draws from (GaussianDiffusion.p_mean_variance). At index 0, where beta_tilde = 0, the
+decoder's variance is beta_tilde at index 1 (the clipped log-variance, as improved-diffusion does).
+The network runs in float32 (no autocast), so that the bound is not rounded by bf16.
+
+After improved-diffusion (Nichol & Dhariwal 2021, arXiv:2102.09672): gaussian_diffusion.py's
+`_vb_terms_bpd`, `_prior_bpd`, `calc_bpd_loop` and losses.py's `normal_kl`,
+`discretized_gaussian_log_likelihood` (here with the exact normal CDF, torch.special.log_ndtr).
+
+Example:
+    report = nll_bits_per_dim(model, diffusion, images, None, batch_size=100, seed=0, device=device)
+    report["bits_per_dim"]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from diffusion import GaussianDiffusion, extract
+
+BIN_HALF_WIDTH = 1 / 255  # 8-bit values on [-1, 1] sit 2/255 apart
+EDGE = 0.999  # pixels beyond +-EDGE are in the end bins (-1 and 1), open to -inf and +inf
+MIN_PROBABILITY = 1e-12  # floor of a bin's probability before the log
+VARIANCE_CHOICE = (
+    "posterior beta_tilde (Ho et al. sigma_t^2 = beta_tilde_t); at index 0 beta_tilde of index 1"
+)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) element-wise, in nats (arguments broadcast)."""
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
+    """log P(bin of x) element-wise under N(means, e^(2 log_scales)) cut into 256 bins (eq. 13).
+
+    x: 8-bit values on [-1, 1] (k / 127.5 - 1); the bin of x is [x - 1/255, x + 1/255], except the
+    end bins (-inf, -1 + 1/255] and [1 - 1/255, inf), so the 256 probabilities sum to 1.
+    """
+    inverse_scale = torch.exp(-log_scales)
+    upper = inverse_scale * (x - means + BIN_HALF_WIDTH)
+    lower = inverse_scale * (x - means - BIN_HALF_WIDTH)
+    log_below_upper = torch.special.log_ndtr(upper)  # log Phi(upper): the bottom bin
+    log_above_lower = torch.special.log_ndtr(-lower)  # log (1 - Phi(lower)): the top bin
+    inside = (torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=MIN_PROBABILITY).log()
+    return torch.where(x < -EDGE, log_below_upper, torch.where(x > EDGE, log_above_lower, inside))
+
+
+def mean_bits(nats: torch.Tensor) -> torch.Tensor:
+    """[B, ...] nats -> [B] bits per dimension (mean over all but the batch axis, / log 2)."""
+    return nats.flatten(1).mean(dim=1) / math.log(2.0)
+
+
+def prior_bpd(diffusion: GaussianDiffusion, x0: torch.Tensor) -> torch.Tensor:
+    """L_T in bits/dim [B]: KL(q(x_T | x_0) || N(0, I)), with q(x_T | x_0) from eq. 4."""
+    t = torch.full((x0.shape[0],), diffusion.T - 1, device=x0.device, dtype=torch.long)
+    mean = extract(diffusion.sqrt_alphas_cumprod, t, x0.shape) * x0
+    log_variance = torch.log(1.0 - extract(diffusion.alphas_cumprod, t, x0.shape))
+    return mean_bits(normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(mean)))
+
+
+def vb_terms_bpd(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One term of the bound in bits/dim [B] at x_t [B, C, H, W] (t [B]): L_{t} = KL(q(x_{t-1} | x_t,
+    x_0) || p_theta(x_{t-1} | x_t)) where t > 0, the decoder's -log p_theta(x_0 | x_1) where t = 0."""
+    true_mean, _ = diffusion.q_posterior(x0, x_t, t)  # eqs. 6-7
+    true_log_variance = extract(diffusion.posterior_log_variance_clipped, t, x_t.shape)
+    model_out = diffusion.p_mean_variance(model, x_t, t, labels, clip_x0=True)
+    kl = mean_bits(normal_kl(true_mean, true_log_variance, model_out["mean"], model_out["log_variance"]))
+    log_scales = 0.5 * model_out["log_variance"]
+    decoder = -mean_bits(discretized_gaussian_log_likelihood(x0, model_out["mean"], log_scales))
+    return torch.where(t == 0, decoder, kl)
+
+
+@torch.no_grad()
+def bound_terms_bpd(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    generator: torch.Generator | None = None,
+    labels: torch.Tensor | None = None,
+    progress: tqdm | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every term of the bound for images x0 [B, C, H, W] (8-bit values on [-1, 1]), in bits/dim.
+
+    For t = T-1, ..., 0: fresh noise from `generator`, x_t = q_sample(x0, t, noise) (eq. 4), the term
+    vb_terms_bpd. Returns "terms" [T, B] (index 0: the decoder L_0; index t > 0: the KL term of the
+    paper's step t+1), "prior" [B] (L_T) and "total" [B] (their sum).
+    """
+    terms = torch.zeros(diffusion.T, x0.shape[0], device=x0.device)
+    for t_index in range(diffusion.T - 1, -1, -1):
+        t = torch.full((x0.shape[0],), t_index, device=x0.device, dtype=torch.long)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        terms[t_index] = vb_terms_bpd(model, diffusion, x0, diffusion.q_sample(x0, t, noise), t, labels)
+        if progress is not None:
+            progress.update(1)
+    prior = prior_bpd(diffusion, x0)
+    return {"terms": terms, "prior": prior, "total": terms.sum(dim=0) + prior}
+
+
+def nll_bits_per_dim(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The bound in bits/dim of images [N, C, H, W] (a class-conditional model: given their labels),
+    in batches, with a progress bar over the N/batch_size x T model evaluations.
+
+    Returns the mean bits/dim, its standard deviation over images and standard error, the mean of each
+    part (prior L_T, decoder L_0, the KL terms' sum) and the mean term per index t ("terms_per_t", T).
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batches = list(range(0, len(images), batch_size))
+    parts = []
+    with tqdm(total=len(batches) * diffusion.T, desc="NLL bound", unit="step", leave=False) as progress:
+        for start in batches:
+            x0 = images[start : start + batch_size].to(device)
+            batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
+            parts.append(bound_terms_bpd(model, diffusion, x0, generator, batch_labels, progress))
+    terms = torch.cat([part["terms"] for part in parts], dim=1).double().cpu()
+    prior = torch.cat([part["prior"] for part in parts]).double().cpu()
+    total = torch.cat([part["total"] for part in parts]).double().cpu()
+    return {
+        "bits_per_dim": total.mean().item(),
+        "bits_per_dim_std": total.std().item() if len(total) > 1 else 0.0,
+        "bits_per_dim_sem": total.std().item() / math.sqrt(len(total)) if len(total) > 1 else 0.0,
+        "prior_bpd": prior.mean().item(),
+        "decoder_bpd": terms[0].mean().item(),
+        "kl_terms_bpd": terms[1:].sum(dim=0).mean().item(),
+        "terms_per_t": terms.mean(dim=1).tolist(),
+        "num_images": len(images),
+        "variance": VARIANCE_CHOICE,
+        "clip_x0": True,
+    }
