@@ -45,8 +45,10 @@ from runtime import AMP_MODES, COMPILE_MODES, SWITCHES
 LR_SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "cpu")
 # Upper limits of the sizes, far above any useful value, so that a typo is one line, not an allocation
-# of terabytes: U-Net width, width multiplier per level, residual blocks per level, diffusion steps.
+# of terabytes (or the kernel's OOM killer): U-Net width, width multiplier per level, residual blocks
+# per level, diffusion steps.
 MAX_MODEL_CHANNELS, MAX_CHANNEL_MULT, MAX_RES_BLOCKS, MAX_T = 1024, 16, 16, 100_000
+MAX_IMAGE_SIZE = 1024  # --image-size: pixels per side
 IMAGE_CHANNELS = (1, 3)
 
 
@@ -108,7 +110,9 @@ class DataSettings(Settings):
         "(a sub-folder per class); overrides --data",
     )
     image_size: int | None = setting(
-        None, "resize (centre-cropped) to S x S (default: the data's own size; celeba 64)", positive_int
+        None,
+        "resize (centre-cropped) to S x S (default: the data's own size; celeba 64)",
+        int_between(1, MAX_IMAGE_SIZE),
     )
     channels: int | None = setting(
         None, "1 (grey) or 3 (RGB) (default: the data's own)", int, choices=IMAGE_CHANNELS
