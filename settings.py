@@ -146,6 +146,9 @@ class ModelSettings(Settings):
     attn_resolutions: tuple[int, ...] = setting((14,), "feature-map sizes with self-attention", int_tuple)
     dropout: float = setting(0.1, "dropout in the residual blocks, in [0, 1)", fraction)
     class_cond: bool = setting(False, "condition on the class labels (classifier-free guidance)")
+    scale_shift_norm: bool = setting(
+        True, "t and the label scale and shift each block's second GroupNorm (AdaGN; off: added before it)"
+    )
 
     def unet_config(self, in_channels: int, image_size: int) -> dict[str, Any]:
         """The keyword arguments of model.UNet, as plain values (lists, not tuples)."""
@@ -158,7 +161,7 @@ class ModelSettings(Settings):
             "dropout": self.dropout,
             "num_classes": NUM_CLASSES if self.class_cond else None,
             "image_size": image_size,
-            "scale_shift_norm": True,
+            "scale_shift_norm": self.scale_shift_norm,
         }
 
 
@@ -347,6 +350,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_res_blocks": 2,
         "attn_resolutions": (16,),
         "dropout": 0.1,
+        "scale_shift_norm": False,  # Ho et al.'s residual block adds the embedding
         "schedule": "linear",
         "prediction": "eps",
         "lr": 2e-4,
@@ -366,13 +370,17 @@ def presets_help() -> str:
     """The --help epilog: each preset's values as flags."""
     lines = ["presets (flags given explicitly override them):"]
     for name, values in PRESETS.items():
-        flags = " ".join(f"--{key.replace('_', '-')} {_flag_text(value)}" for key, value in values.items())
+        flags = " ".join(_flag_text(key, value) for key, value in values.items())
         lines.append(f"  {name}: {flags or 'the defaults above'}")
     return "\n".join(lines)
 
 
-def _flag_text(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+def _flag_text(key: str, value: Any) -> str:
+    """One preset value as the flag that sets it: --hflip, --no-hflip, --channel-mult 1,2,2."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} " + (",".join(map(str, value)) if isinstance(value, tuple) else str(value))
 
 
 @dataclass(frozen=True)
