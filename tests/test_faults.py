@@ -143,11 +143,12 @@ def wait_for_lock(path: Path, process: subprocess.Popen, seconds: float = 90) ->
 def test_a_second_run_on_a_folder_is_refused_and_a_killed_runs_lock_taken_over(
     tiny_train_data, tmp_path, capsys
 ):
-    """A real training process holds out/train.lock: a new run and a resume in the same folder each
+    """A real training process (4,000 steps per epoch: it saves nothing before it is killed) holds
+    out/train.lock: a new run and a resume in the same folder each
     stop with one line naming its pid and host. After kill -9 the lock is stale: a resume takes it
     over with one line, removes a temp file the killed writer left, and trains."""
     out_dir = tmp_path / "out"
-    long_run = [*TINY_TRAIN_FLAGS, "--data", "mnist-5k", "--epochs", "50", "--out-dir", str(out_dir)]
+    long_run = [*TINY_TRAIN_FLAGS, "--data", "mnist-5k", "--batch-size", "1", "--out-dir", str(out_dir)]
     first = subprocess.Popen(
         [sys.executable, str(REPO / "train_MNIST.py"), *long_run],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -92,7 +92,7 @@ def values_for(action: argparse.Action, paths: dict[str, str]) -> list[str | Non
     if flag not in WORK_FLAGS:
         values += HUGE_VALUES
     if action.choices:
-        values += [choice for choice in action.choices if not (flag in WORK_FLAGS and choice == "on")]
+        values += [str(choice) for choice in action.choices if not (flag in WORK_FLAGS and choice == "on")]
         values.append("not-a-choice")
     if any(word in flag for word in PATH_WORDS):
         values += list(paths.values())
