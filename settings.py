@@ -12,8 +12,9 @@ Presets (`train_MNIST.py --preset NAME`) replace some defaults; flags given expl
        arXiv:2202.00512), min-SNR-5 weights (Hang et al. 2023, arXiv:2303.09556), AdamW 2e-3,
        EMA 0.999, bf16 autocast
   cifar10  Ho et al. 2020's CIFAR-10 run (arXiv:2006.11239, appendix B): a 35.7M U-Net of 128 channels,
-       widths 1,2,2,2, 2 blocks per level, attention at 16x16, dropout 0.1; linear betas, eps,
-       AdamW 2e-4 (constant after 5,000 warm-up steps), batch 128, EMA 0.9999, 800k steps, flips
+       widths 1,2,2,2, 2 blocks per level, attention at 16x16, dropout 0.1, the embedding added
+       before the norm; linear betas, eps, AdamW 2e-4 (constant after 5,000 warm-up steps), batch
+       128, EMA 0.9999, 800k steps, horizontal flips
 
 Example:
     parser = OneLineErrorParser()
