@@ -34,6 +34,7 @@ from cli import (
     int_tuple,
     int_tuple_between,
     non_negative_float,
+    non_negative_float_tuple,
     non_negative_int,
     positive_float,
     positive_int,
@@ -230,6 +231,22 @@ class SamplingSettings(Settings):
 
 
 @dataclass(frozen=True)
+class GuidedSamplingSettings(SamplingSettings):
+    """vizu_MNIST.py's sampling flags: --guidance may list several scales, each drawn in turn."""
+
+    guidance: tuple[float, ...] = setting(
+        (1.0,),
+        "classifier-free guidance scale(s) (class-conditional models); several (1,2,4) with --generate: "
+        "the same noise drawn with each",
+        non_negative_float_tuple,
+    )
+
+    def at(self, guidance: float) -> SamplingSettings:
+        """The plain sampling settings with one guidance scale."""
+        return SamplingSettings(self.sampler, self.steps, self.eta, guidance)
+
+
+@dataclass(frozen=True)
 class RunSettings(Settings):
     TITLE = "outputs"
     out_dir: str = setting("checkpoints", "checkpoints, log, loss plot and sample grids")
@@ -320,6 +337,10 @@ class VisualisationSettings(Settings):
         "class to condition on, for class-conditional checkpoints (default: each test image's own label; "
         "with --generate, 0, 1, 2, ... in turn)",
         int,
+    )
+    commitment: bool = setting(
+        True,
+        "the classifier's class of x0-hat at every step: commitment.png/.csv (when the digit is decided)",
     )
     strip_steps: int = setting(10, "columns (steps) in strip.png", positive_int)
     gif_frames: int = setting(60, "most frames in reverse.gif", positive_int)
