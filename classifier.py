@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ CONV_CHANNELS = (16, 32)
 FEATURE_DIM = 128
 DROPOUT = 0.25
 DEFAULT_EPOCHS = 10
+MIN_STEPS = 300  # small data sets get more epochs, so that the default training makes this many steps
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LR = 1e-3
 EVAL_BATCH_SIZE = 1000
@@ -246,11 +248,17 @@ def register_with_torch_fidelity() -> None:
         register_feature_extractor(EXTRACTOR_NAME, ClassifierFeatureExtractor)
 
 
+def default_epochs(num_images: int, batch_size: int) -> int:
+    """DEFAULT_EPOCHS, or as many more as a small data set needs for MIN_STEPS steps (MNIST-5k's
+    4,000 images in batches of 128 make 320 steps in 10 epochs: 10)."""
+    return max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / math.ceil(num_images / batch_size)))
+
+
 def train_and_save(
     path: str | Path | None,
     data: str,
     data_dir: str | Path | None,
-    epochs: int = DEFAULT_EPOCHS,
+    epochs: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = DEFAULT_LR,
     seed: int = 0,
@@ -259,9 +267,9 @@ def train_and_save(
     channels: int | None = None,
 ) -> dict[str, Any]:
     """Train a classifier on a data set's train split (at image_size and channels, default the
-    data's own), test it on its test split, save it to path (default: default_classifier_path of
-    the data and shape); returns the info saved with it (data, test_accuracy, epochs, seed,
-    num_train) and the path."""
+    data's own) for `epochs` (default: default_epochs), test it on its test split, save it to path
+    (default: default_classifier_path of the data and shape); returns the info saved with it (data,
+    test_accuracy, epochs, seed, num_train) and the path."""
     from data_sources import load_images
     from output_files import writable_dir
 
@@ -273,6 +281,7 @@ def train_and_save(
         raise ClassifierError(f"{data_label(data, data_dir)} has one class: there is no classifier to train")
     path = Path(path) if path is not None else default_classifier_path(data, data_dir, train_images.shape[1:])
     writable_dir(path.parent)
+    epochs = epochs or default_epochs(len(train_images), batch_size)
     model = train_classifier(train_images, train_labels, epochs, batch_size, lr, seed, device, progress=True)
     info = {
         "data": data_label(data, data_dir),

@@ -52,6 +52,7 @@ FLIPPED_BY_DEFAULT = ("cifar10", "celeba")  # kinds of data whose --hflip is on 
 SPLITS = ("train", "test")
 NUM_CLASSES = 10  # the most classes a data set may have (the class embedding's and classifier's size)
 MIN_IMAGE_SIDE = 8  # SSIM's 7 x 7 window and the classifier's two 2 x 2 poolings need this much
+MAX_IMAGE_SIDE = 512  # twice the largest of Ho et al. (256); whole data sets in memory must fit
 DEFAULT_ROOT = Path("data")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_PREFIX = {"train": "train", "test": "t10k"}
@@ -315,11 +316,12 @@ def fit_picture(picture: Image.Image, size: tuple[int, int]) -> Image.Image:
     return picture.resize((width, height), Image.Resampling.BICUBIC, box=box)
 
 
-def read_picture(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, str]:
-    """One image file as RGB pixels [H, W, 3] fitted to size, and its own PIL mode."""
+def read_picture(path: Path, size: tuple[int, int] | None) -> tuple[np.ndarray, str]:
+    """One image file as RGB pixels [H, W, 3] fitted to size (None: its own), and its own PIL mode."""
     try:
         with Image.open(path) as picture:
-            return np.asarray(fit_picture(picture.convert("RGB"), size)), picture.mode
+            rgb = picture.convert("RGB")
+            return np.asarray(fit_picture(rgb, size) if size else rgb), picture.mode
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataUnavailableError(f"{path} is not a readable image ({type(error).__name__})") from None
 
@@ -327,12 +329,12 @@ def read_picture(path: Path, size: tuple[int, int]) -> tuple[np.ndarray, str]:
 def read_pictures(paths: list[Path], size: tuple[int, int] | None, channels: int | None) -> torch.Tensor:
     """Image files as pixels [N, C, H, W]: size (height, width) by default the first image's; C by
     default 1 if every file is grey, else 3."""
-    if size is None:
-        with Image.open(paths[0]) as first:
-            size = (first.height, first.width)
+    first = read_picture(paths[0], size)
+    size = first[0].shape[:2]
+    check_side(size, paths[0])
     check_fits_in_memory(len(paths) * size[0] * size[1] * 3 * FLOAT32_BYTES, f"{len(paths)} images of {size}")
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        read = list(pool.map(lambda path: read_picture(path, size), paths))
+        read = [first, *pool.map(lambda path: read_picture(path, size), paths[1:])]
     pixels = torch.from_numpy(np.stack([array for array, _ in read])).permute(0, 3, 1, 2).contiguous()
     if channels is None:
         channels = 1 if all(mode in GREY_MODES for _, mode in read) else 3
@@ -536,7 +538,18 @@ def as_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     """--image-size S -> (S, S); a (height, width) pair as it is."""
     if image_size is None:
         return None
-    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    check_side(size, "--image-size")
+    return size
+
+
+def check_side(size: tuple[int, ...], source: str | Path) -> None:
+    """Images of size (height, width) must have sides in [MIN_IMAGE_SIDE, MAX_IMAGE_SIDE]."""
+    if not MIN_IMAGE_SIDE <= min(size) <= max(size) <= MAX_IMAGE_SIDE:
+        raise DataUnavailableError(
+            f"{source}: images of {'x'.join(map(str, size))} pixels; this code takes sides from "
+            f"{MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} (pass --image-size)"
+        )
 
 
 def shape_options(image_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -609,11 +622,9 @@ def load_pixels(
     if size is not None:
         pixels = resize_pixels(pixels, size)
     source = data_dir if data_dir is not None else name
-    if len(pixels) == 0 or min(pixels.shape[-2:]) < MIN_IMAGE_SIDE:
-        raise DataUnavailableError(
-            f"{source}: {len(pixels)} images of {'x'.join(map(str, pixels.shape[-2:]))} pixels; this code "
-            f"needs at least one, of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (pass --image-size)"
-        )
+    if len(pixels) == 0:
+        raise DataUnavailableError(f"{source} has no {split} images")
+    check_side(tuple(pixels.shape[-2:]), source)
     return pixels, labels
 
 

@@ -164,10 +164,10 @@ class RealData:
 
 
 @functools.lru_cache(maxsize=2)
-def load_real_data(name: str, data_dir: str | None, image_shape: tuple[int, int, int] | None) -> RealData:
-    """Both splits of a data set (at image_shape, (C, H, W), or None for the data set's own), read once
-    per process (evaluations of several checkpoints share them; nothing changes them in place)."""
-    at_shape = shape_options(image_shape) if image_shape is not None else {}
+def load_real_data(name: str, data_dir: str | None, shape: tuple[int, int, int] | None) -> RealData:
+    """Both splits of a data set at shape (C, H, W), or None for the data set's own, read once per
+    process (evaluations of several checkpoints share them; nothing changes them in place)."""
+    at_shape = shape_options(shape) if shape is not None else {}
     test_images, test_labels = load_images(name, "test", data_dir, **at_shape)
     return RealData(test_images, test_labels, load_images(name, "train", data_dir, **at_shape)[0])
 
@@ -421,7 +421,7 @@ def evaluate(
     stem = Path(loaded.provenance["path"]).stem if loaded is not None else f"baselines_{label}"
     paths = output_paths(settings, stem)
 
-    real = load_real_data(name, data_dir, loaded.image_shape if loaded is not None else None)
+    real = load_real_data(name, data_dir, tuple(loaded.image_shape) if loaded is not None else None)
     test_images = real.test_images
     extractors, extractor_info = resolve_extractors(
         settings, name, data_dir, device, (real.test_images, real.test_labels)

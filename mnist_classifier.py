@@ -11,7 +11,7 @@ Examples (about two minutes on a 2-core CPU for MNIST-5k):
 
 from __future__ import annotations
 
-from classifier import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, train_and_save
+from classifier import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, MIN_STEPS, train_and_save
 from cli import OneLineErrorParser, positive_float, positive_int, run_cli
 from runtime import resolve_device
 from settings import DataSettings
@@ -22,7 +22,13 @@ def parse_args(argv: list[str] | None = None):
     DataSettings.add_flags(parser, names=("data", "data_dir", "image_size", "channels"))
     add = parser.add_argument
     add("--out", default=None, help="weights file (default: classifier.default_classifier_path of the data)")
-    add("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="passes over the train split")
+    add(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help=f"passes over the train split (default: {DEFAULT_EPOCHS}, more for fewer than "
+        f"{MIN_STEPS} batches in all)",
+    )
     add("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="training batch size")
     add("--lr", type=positive_float, default=DEFAULT_LR, help="Adam learning rate")
     add("--seed", type=int, default=0, help="seed of the initial weights and batch order")

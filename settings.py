@@ -12,8 +12,9 @@ Presets (`train_MNIST.py --preset NAME`) replace some defaults; flags given expl
        arXiv:2202.00512), min-SNR-5 weights (Hang et al. 2023, arXiv:2303.09556), AdamW 2e-3,
        EMA 0.999, bf16 autocast
   cifar10  Ho et al. 2020's CIFAR-10 run (arXiv:2006.11239, appendix B): a 35.7M U-Net of 128 channels,
-       widths 1,2,2,2, 2 blocks per level, attention at 16x16, dropout 0.1; linear betas, eps,
-       AdamW 2e-4 (constant after 5,000 warm-up steps), batch 128, EMA 0.9999, 800k steps, flips
+       widths 1,2,2,2, 2 blocks per level, attention at 16x16, dropout 0.1, the embedding added
+       before the norm; linear betas, eps, AdamW 2e-4 (constant after 5,000 warm-up steps), batch
+       128, EMA 0.9999, 800k steps, horizontal flips
 
 Example:
     parser = OneLineErrorParser()
@@ -33,6 +34,7 @@ from cli import (
     int_tuple,
     int_tuple_between,
     non_negative_float,
+    non_negative_float_tuple,
     non_negative_int,
     positive_float,
     positive_int,
@@ -45,10 +47,8 @@ from runtime import AMP_MODES, COMPILE_MODES, SWITCHES
 LR_SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "cpu")
 # Upper limits of the sizes, far above any useful value, so that a typo is one line, not an allocation
-# of terabytes (or the kernel's OOM killer): U-Net width, width multiplier per level, residual blocks
-# per level, diffusion steps.
+# of terabytes: U-Net width, width multiplier per level, residual blocks per level, diffusion steps.
 MAX_MODEL_CHANNELS, MAX_CHANNEL_MULT, MAX_RES_BLOCKS, MAX_T = 1024, 16, 16, 100_000
-MAX_IMAGE_SIZE = 1024  # --image-size: pixels per side
 IMAGE_CHANNELS = (1, 3)
 
 
@@ -110,9 +110,7 @@ class DataSettings(Settings):
         "(a sub-folder per class); overrides --data",
     )
     image_size: int | None = setting(
-        None,
-        "resize (centre-cropped) to S x S (default: the data's own size; celeba 64)",
-        int_between(1, MAX_IMAGE_SIZE),
+        None, "resize (centre-cropped) to S x S (default: the data's own size; celeba 64)", positive_int
     )
     channels: int | None = setting(
         None, "1 (grey) or 3 (RGB) (default: the data's own)", int, choices=IMAGE_CHANNELS
@@ -150,6 +148,9 @@ class ModelSettings(Settings):
     attn_resolutions: tuple[int, ...] = setting((14,), "feature-map sizes with self-attention", int_tuple)
     dropout: float = setting(0.1, "dropout in the residual blocks, in [0, 1)", fraction)
     class_cond: bool = setting(False, "condition on the class labels (classifier-free guidance)")
+    scale_shift_norm: bool = setting(
+        True, "t and the label scale and shift each block's second GroupNorm (AdaGN; off: added before it)"
+    )
 
     def unet_config(self, in_channels: int, image_size: int) -> dict[str, Any]:
         """The keyword arguments of model.UNet, as plain values (lists, not tuples)."""
@@ -162,7 +163,7 @@ class ModelSettings(Settings):
             "dropout": self.dropout,
             "num_classes": NUM_CLASSES if self.class_cond else None,
             "image_size": image_size,
-            "scale_shift_norm": True,
+            "scale_shift_norm": self.scale_shift_norm,
         }
 
 
@@ -227,6 +228,22 @@ class SamplingSettings(Settings):
     guidance: float = setting(
         1.0, "classifier-free guidance scale (class-conditional models)", non_negative_float
     )
+
+
+@dataclass(frozen=True)
+class GuidedSamplingSettings(SamplingSettings):
+    """vizu_MNIST.py's sampling flags: --guidance may list several scales, each drawn in turn."""
+
+    guidance: tuple[float, ...] = setting(
+        (1.0,),
+        "classifier-free guidance scale(s) (class-conditional models); several (1,2,4) with --generate: "
+        "the same noise drawn with each",
+        non_negative_float_tuple,
+    )
+
+    def at(self, guidance: float) -> SamplingSettings:
+        """The plain sampling settings with one guidance scale."""
+        return SamplingSettings(self.sampler, self.steps, self.eta, guidance)
 
 
 @dataclass(frozen=True)
@@ -321,6 +338,10 @@ class VisualisationSettings(Settings):
         "with --generate, 0, 1, 2, ... in turn)",
         int,
     )
+    commitment: bool = setting(
+        True,
+        "the classifier's class of x0-hat at every step: commitment.png/.csv (when the digit is decided)",
+    )
     strip_steps: int = setting(10, "columns (steps) in strip.png", positive_int)
     gif_frames: int = setting(60, "most frames in reverse.gif", positive_int)
     out_dir: str = setting("step_outputs_mnist", "where images, CSVs and plots go")
@@ -351,6 +372,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_res_blocks": 2,
         "attn_resolutions": (16,),
         "dropout": 0.1,
+        "scale_shift_norm": False,  # Ho et al.'s residual block adds the embedding
         "schedule": "linear",
         "prediction": "eps",
         "lr": 2e-4,
@@ -370,13 +392,17 @@ def presets_help() -> str:
     """The --help epilog: each preset's values as flags."""
     lines = ["presets (flags given explicitly override them):"]
     for name, values in PRESETS.items():
-        flags = " ".join(f"--{key.replace('_', '-')} {_flag_text(value)}" for key, value in values.items())
+        flags = " ".join(_flag_text(key, value) for key, value in values.items())
         lines.append(f"  {name}: {flags or 'the defaults above'}")
     return "\n".join(lines)
 
 
-def _flag_text(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+def _flag_text(key: str, value: Any) -> str:
+    """One preset value as the flag that sets it: --hflip, --no-hflip, --channel-mult 1,2,2."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} " + (",".join(map(str, value)) if isinstance(value, tuple) else str(value))
 
 
 @dataclass(frozen=True)

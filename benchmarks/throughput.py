@@ -36,7 +36,7 @@ import statistics
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -74,12 +74,12 @@ from settings import (
 NETWORKS = ("ours", "ours-as-diffusers", "diffusers", "lucidrains", "trainer")
 MAX_PARAMETER_MISMATCH = 0.10
 T_RANGE = 1000  # timesteps are drawn from 0..999 (the networks only embed them)
-MODEL_KEYS = ("model_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout")
-CPU_MODEL = ModelSettings(**{key: PRESETS["cpu"][key] for key in MODEL_KEYS})
+MODEL_KEYS = {spec.name for spec in fields(ModelSettings)}
+CPU_MODEL = ModelSettings(**{key: value for key, value in PRESETS["cpu"].items() if key in MODEL_KEYS})
 # The benchmark's presets: the flag defaults, and the images each times
 BENCHMARK_PRESETS = {
     "cpu": {},
-    "cifar10": {key: PRESETS["cifar10"][key] for key in MODEL_KEYS}
+    "cifar10": {key: value for key, value in PRESETS["cifar10"].items() if key in MODEL_KEYS}
     | {"networks": "ours,diffusers", "reference_channels": 128, "reference_layers": 2},
 }
 IMAGE_SHAPES = {"cpu": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -148,7 +148,11 @@ def build_networks(args: argparse.Namespace, ours_settings: ModelSettings) -> di
     builders = {
         "ours": lambda: ours,
         "ours-as-diffusers": lambda: UNet(
-            model_channels=c, num_res_blocks=args.reference_layers, attention_resolutions=(), dropout=0.0
+            model_channels=c,
+            num_res_blocks=args.reference_layers,
+            attention_resolutions=(),
+            dropout=0.0,
+            scale_shift_norm=False,  # diffusers' default resnet_time_scale_shift adds the embedding
         ),
         "diffusers": lambda: diffusers_unet(reference_setup, shape),
         "lucidrains": lambda: lucidrains_unet_matching(count_parameters(ours)),

@@ -18,6 +18,7 @@ import torch
 from conftest import TINY_UNET_FLAGS
 from PIL import Image
 
+import classifier
 import data_sources
 import eval_MNIST
 import vizu_MNIST
@@ -137,6 +138,10 @@ def test_image_folder_classes_sizes_and_channels(tmp_path):
     assert pixels.shape == (6, 3, 40, 36) and labels.tolist() == [0, 0, 0, 1, 1, 1]  # first image's size
     square, _ = load_pixels(data_dir=folder, image_size=20, channels=1)
     assert square.shape == (6, 1, 20, 20)
+    with pytest.raises(
+        DataUnavailableError, match="--image-size: images of 5000x5000 pixels; this code takes"
+    ):
+        load_pixels(data_dir=folder, image_size=5000)
     grey = tmp_path / "grey"
     grey.mkdir()
     for index in range(2):
@@ -186,6 +191,7 @@ def made_data(kind: str, root: Path) -> tuple[list[str], tuple[int, int, int]]:
 @pytest.mark.parametrize("kind", ["cifar", "pngs", "idx"])
 def test_train_resume_evaluate_and_draw_at_the_data_shape(kind, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the classifier eval trains once goes to ./checkpoints
+    monkeypatch.setattr(classifier, "MIN_STEPS", 10)  # its plumbing, not its accuracy, is tested here
     data_flags, shape = made_data(kind, tmp_path)
     run = ["--out-dir", str(tmp_path / "run"), *TINY_TRAINING, *data_flags]
     train_main([*run, "--max-steps", "2"])
@@ -235,6 +241,9 @@ def broken_idx(root: Path, case: str) -> str:
         images.write_bytes(gzip.decompress(images.read_bytes()))
     elif case == "damaged gzip":
         images.write_bytes(images.read_bytes()[:40])
+    elif case == "images too small":
+        idx_folder(root, side=5)
+        return str(root)
     elif case == "only test split":
         for path in root.glob("train-*"):
             path.unlink()
@@ -250,6 +259,7 @@ BROKEN = {
     "not gzip": "is not a gzip file",
     "damaged gzip": "is a damaged gzip file",
     "only test split": "holds only the test split",
+    "images too small": "images of 5x5 pixels; this code takes sides from 8",
 }
 
 
@@ -260,8 +270,8 @@ def broken_other(root: Path, case: str) -> str:
         return str(root)
     if case == "corrupt png":
         png_folder(root, per_class=2)
-        (root / "discs" / "01.png").write_bytes(b"\x89PNG not really")
-        return "01.png"
+        (root / "discs" / "00.png").write_bytes(b"\x89PNG not really")  # the first file
+        return "00.png"
     folder = cifar_archive(root)  # a batch whose pickle asks to run a program
     (folder / "data_batch_3").write_bytes(pickle.dumps(os.system))
     return "data_batch_3"
