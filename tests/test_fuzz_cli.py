@@ -2,7 +2,8 @@
 run in-process; every one works or ends with exactly one `error:` line and status 2, never a traceback.
 
 Each case starts from a tiny valid command (8-channel U-Net, T = 20, one step, 48 training digits; the
-session's tiny checkpoint with 2 samples and 2 reconstructions) and appends 1 to 3 flags drawn from
+session's tiny checkpoint with 2 samples and 2 reconstructions, vizu without the commitment
+classifier) and appends 1 to 3 flags drawn from
 every flag of the script, each with a value drawn from: its default, its choices and a wrong one,
 zero, negative, tiny, huge, NaN, inf, empty, a wrong type, lists, and paths that are missing, a file
 where a folder is expected and a folder where a file is. A flag whose value is the amount of work
@@ -138,7 +139,7 @@ def base_argv(script: str, case_dir: Path, tiny_data: Path, tiny_checkpoint: Pat
                 "--recon-t", "5", "--num-nll", "2", "--device", "cpu",
                 "--json", str(case_dir / "r.json")]  # fmt: skip
     return [*common, "--t", "5", "--num-images", "1", "--gif-frames", "2", "--strip-steps", "2",
-            "--out-dir", str(case_dir / "vizu"), "--device", "cpu"]  # fmt: skip
+            "--no-commitment", "--out-dir", str(case_dir / "vizu"), "--device", "cpu"]  # fmt: skip
 
 
 MAINS = {"train": train_MNIST.main, "eval": eval_MNIST.main, "vizu": vizu_MNIST.main}
