@@ -40,7 +40,8 @@ DEMO_NAME = "demo"
 LAST_NAME = "last.pt"
 GLOB_CHARACTERS = "*?["
 EPOCH_PATTERN = re.compile(r"mnist_epoch_(\d+)\.pt$")
-REQUIRED_KEYS = ("config",)  # and weights: "model", "ema" or both
+REQUIRED_KEYS = ("config",)  # dicts; and weights: "model", "ema" or both
+CONFIG_KEYS = ("model", "diffusion")  # what rebuilds the U-Net and the diffusion
 INFERENCE_KEYS = ("version", "config", "ema", "step", "epoch")  # what export_for_inference keeps
 READ_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
@@ -78,21 +79,24 @@ def read_torch_file(
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with torch.load(weights_only=True); a CheckpointError says what is wrong."""
+    """Read a checkpoint with torch.load(weights_only=True); a CheckpointError says what is wrong:
+    not a dict, a newer format version, or which key this code needs is missing."""
     checkpoint = read_torch_file(path, map_location)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this repo (not a dict)")
-    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
-    if "model" not in checkpoint and "ema" not in checkpoint:
-        missing.append("model or ema weights")
-    if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of this repo (no {', '.join(missing)})")
     version = checkpoint.setdefault("version", LEGACY_VERSION)
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path} has format version {version}; this code reads versions up to {CHECKPOINT_VERSION} "
             "(update the repo)"
         )
+    missing = [key for key in REQUIRED_KEYS if not isinstance(checkpoint.get(key), dict)]
+    if "model" not in checkpoint and "ema" not in checkpoint:
+        missing.append("model or ema weights")
+    config = checkpoint.get("config")
+    missing += [f"config[{key!r}]" for key in CONFIG_KEYS if isinstance(config, dict) and key not in config]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this repo (no {', '.join(missing)})")
     return checkpoint
 
 
@@ -165,9 +169,15 @@ def resolve_checkpoints(names: str | None, directory: str | Path = DEFAULT_CHECK
 
 
 def build_model(config: dict[str, Any]) -> UNet:
-    """The UNet described by config["model"], for images of config's image_shape."""
+    """The UNet described by config["model"], for images of config's image_shape. A config without
+    scale_shift_norm was written before it existed: its U-Net adds the embedding before the norm."""
     channels, height, _ = image_shape(config)
-    model_config = {"in_channels": channels, "image_size": height, **config["model"]}
+    model_config = {
+        "in_channels": channels,
+        "image_size": height,
+        "scale_shift_norm": False,
+        **config["model"],
+    }
     for key in ("channel_mult", "attention_resolutions"):
         model_config[key] = tuple(model_config[key])
     return UNet(**model_config)

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ CONV_CHANNELS = (16, 32)
 FEATURE_DIM = 128
 DROPOUT = 0.25
 DEFAULT_EPOCHS = 10
+MIN_STEPS = 300  # small data sets get more epochs, so that the default training makes this many steps
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LR = 1e-3
 EVAL_BATCH_SIZE = 1000
@@ -102,12 +104,17 @@ def data_label(data: str, data_dir: str | Path | None) -> str:
     return data if data_dir is None else f"idx-{Path(data_dir).resolve().name}"
 
 
-def default_classifier_path(data: str, data_dir: str | Path | None) -> Path:
-    """The shipped MNIST-5k classifier for MNIST data; else checkpoints/classifier_<data>.pt, trained
-    there once by `ensure_classifier` (one file per data set)."""
-    if data_dir is None and data in SHIPPED_FOR:
+def default_classifier_path(
+    data: str, data_dir: str | Path | None, image_shape: tuple[int, int, int] = LEGACY_SHAPE
+) -> Path:
+    """The shipped MNIST-5k classifier for MNIST data at 1 x 28 x 28; else
+    checkpoints/classifier_<data>.pt (classifier_<data>_<C>x<H>x<W>.pt at other shapes), trained
+    there once by `ensure_classifier` (one file per data set and image shape)."""
+    image_shape = tuple(image_shape)
+    if data_dir is None and data in SHIPPED_FOR and image_shape == LEGACY_SHAPE:
         return Path(os.path.relpath(SHIPPED_CLASSIFIER))  # as the user would write it, in reports
-    return DEFAULT_CHECKPOINT_DIR / f"classifier_{data_label(data, data_dir)}.pt"
+    shape = "" if image_shape == LEGACY_SHAPE else "_" + "x".join(map(str, image_shape))
+    return DEFAULT_CHECKPOINT_DIR / f"classifier_{data_label(data, data_dir)}{shape}.pt"
 
 
 def train_classifier(
@@ -241,22 +248,40 @@ def register_with_torch_fidelity() -> None:
         register_feature_extractor(EXTRACTOR_NAME, ClassifierFeatureExtractor)
 
 
+def default_epochs(num_images: int, batch_size: int) -> int:
+    """DEFAULT_EPOCHS, or as many more as a small data set needs for MIN_STEPS steps (MNIST-5k's
+    4,000 images in batches of 128 make 320 steps in 10 epochs: 10)."""
+    return max(DEFAULT_EPOCHS, math.ceil(MIN_STEPS / math.ceil(num_images / batch_size)))
+
+
 def train_and_save(
-    path: str | Path,
+    path: str | Path | None,
     data: str,
     data_dir: str | Path | None,
-    epochs: int = DEFAULT_EPOCHS,
+    epochs: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = DEFAULT_LR,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
 ) -> dict[str, Any]:
-    """Train a classifier on a data set's train split, test it on its test split, save it to path;
-    returns the info saved with it (data, test_accuracy, epochs, seed, num_train)."""
+    """Train a classifier on a data set's train split (at image_size and channels, default the
+    data's own) for `epochs` (default: default_epochs), test it on its test split, save it to path
+    (default: default_classifier_path of the data and shape); returns the info saved with it (data,
+    test_accuracy, epochs, seed, num_train) and the path."""
     from data_sources import load_images
+    from output_files import writable_dir
 
-    train_images, train_labels = load_images(data, "train", data_dir)
-    test_images, test_labels = load_images(data, "test", data_dir)
+    train_images, train_labels = load_images(
+        data, "train", data_dir, image_size=image_size, channels=channels
+    )
+    test_images, test_labels = load_images(data, "test", data_dir, image_size=image_size, channels=channels)
+    if len(train_labels.unique()) < 2:
+        raise ClassifierError(f"{data_label(data, data_dir)} has one class: there is no classifier to train")
+    path = Path(path) if path is not None else default_classifier_path(data, data_dir, train_images.shape[1:])
+    writable_dir(path.parent)
+    epochs = epochs or default_epochs(len(train_images), batch_size)
     model = train_classifier(train_images, train_labels, epochs, batch_size, lr, seed, device, progress=True)
     info = {
         "data": data_label(data, data_dir),
@@ -267,30 +292,41 @@ def train_and_save(
         "num_train": len(train_images),
     }
     save_classifier(model.cpu(), path, **info)
-    return info
+    return info | {"path": str(path)}
 
 
 def ensure_classifier(
-    data: str, data_dir: str | Path | None, path: str | Path | None = None, device: str | torch.device = "cpu"
+    data: str,
+    data_dir: str | Path | None,
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    image_shape: tuple[int, int, int] = LEGACY_SHAPE,
 ) -> Path:
-    """The classifier file for a data set: `path` if given (it must exist), else the default one,
-    trained and cached there once (with one line saying so) when it does not exist yet."""
+    """The classifier file for a data set's images of image_shape: `path` if given (it must exist
+    and take that shape), else the default one, trained and cached there once (with one line saying
+    so) when it does not exist yet."""
     from messages import note
-    from output_files import writable_dir
 
     if path is not None:
-        if not Path(path).is_file():
-            raise ClassifierError(f"no classifier file at {path}")
-        return Path(path)
-    path = default_classifier_path(data, data_dir)
+        return checked_shape(Path(path), image_shape)
+    path = default_classifier_path(data, data_dir, image_shape)
     if path.is_file():
-        return path
+        return checked_shape(path, image_shape)
     if path.resolve() == SHIPPED_CLASSIFIER:
         raise ClassifierError(
             f"the shipped classifier {path} is missing: restore it with `git checkout {path}`"
         )
     label = data_label(data, data_dir)
     note(f"no classifier for {label} yet: training one on its train split, cached at {path}")
-    writable_dir(path.parent)
-    train_and_save(path, data, data_dir, device=device)
+    channels, height, width = image_shape
+    train_and_save(path, data, data_dir, device=device, image_size=(height, width), channels=channels)
+    return path
+
+
+def checked_shape(path: Path, image_shape: tuple[int, int, int]) -> Path:
+    """path, if it is a classifier file for images of image_shape; else a one-line ClassifierError."""
+    model, _ = load_classifier(path)
+    if model.image_shape != tuple(image_shape):
+        shapes = ["x".join(map(str, shape)) for shape in (model.image_shape, image_shape)]
+        raise ClassifierError(f"the classifier {path} takes {shapes[0]} images, these are {shapes[1]}")
     return path

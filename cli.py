@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 
 from messages import USER_ERROR_EXIT_CODE, UserError
 
+SEED_LIMIT = 2**32 - 1  # NumPy's legacy seeding takes [0, 2**32 - 1]
+
 
 def run_cli(main: Callable[[], None]) -> None:
     """Run main(); turn a UserError into `error: <message>` on stderr and exit status 2."""
@@ -57,7 +59,7 @@ def parse_with_preset(
 
     Flags given explicitly override the preset; `--preset NAME --help` shows NAME's defaults.
     """
-    chooser = argparse.ArgumentParser(add_help=False)
+    chooser = OneLineErrorParser(prog=parser.prog, add_help=False)
     chooser.add_argument("--preset", choices=tuple(presets), default=default)
     chosen, _ = chooser.parse_known_args(argv)
     defaults = {
@@ -84,12 +86,22 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def at_least_two(text: str) -> int:
-    """argparse type: an integer >= 2 (the number of diffusion steps T)."""
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {text}")
-    return value
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high] (argparse names a non-integer an invalid int value)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def seed_number(text: str) -> int:
+    """argparse type: a seed NumPy accepts, an integer in [0, 2**32 - 1]."""
+    return int_between(0, SEED_LIMIT)(text)
 
 
 def positive_float(text: str) -> float:
@@ -130,6 +142,20 @@ def positive_int_tuple(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
     return values
+
+
+def int_tuple_between(low: int, high: int) -> Callable[[str], tuple[int, ...]]:
+    """argparse type: one or more comma-separated integers in [low, high], e.g. '1,2,2'."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        values = int_tuple(text)
+        if not values or not all(low <= value <= high for value in values):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers in [{low}, {high}], got {text!r}"
+            )
+        return values
+
+    return parse
 
 
 def float_tuple(text: str) -> tuple[float, ...]:

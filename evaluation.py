@@ -30,9 +30,16 @@ from typing import Any
 
 import torch
 
-from checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint, weights_used
+from checkpointing import (
+    LEGACY_IMAGE_SHAPE,
+    data_source,
+    image_shape,
+    load_for_inference,
+    resolve_checkpoint,
+    weights_used,
+)
 from classifier import accuracy, data_label, ensure_classifier, judge, load_classifier, train_classifier
-from data_sources import load_images, to_model_range
+from data_sources import load_images, shape_options, to_model_range
 from diffusion import GaussianDiffusion
 from feature_metrics import (
     Comparison,
@@ -43,6 +50,7 @@ from feature_metrics import (
     metrics_per_extractor,
     noise_set,
     real_set,
+    skipped,
 )
 from image_metrics import to_uint8
 from likelihood import nll_bits_per_dim
@@ -54,7 +62,7 @@ from provenance import hardware, library_versions, sha256_of_file, sha256_of_ten
 from repeats import OVER_REPEATS, summarise_repeats
 from runtime import SpeedPlan, configure_fast_path, plan_speed, prepare_unet, resolve_device, seed_everything
 from sampling import check_sampling, generate_samples, reconstruction_sweep, sweep_timesteps
-from settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+from settings import METRICS, DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
 
 GRID_COLUMNS = 10
 GRID_ROWS_UNCONDITIONAL = 10
@@ -99,6 +107,8 @@ def load_model(
     if weights != ("ema" if settings.ema else "model"):
         note(f"{path} has only its {weights} weights; evaluating them")
     check_sampling(diffusion, sampling, model.num_classes)
+    if model.num_classes is None and "cas" in settings.metrics and settings.metrics != METRICS:
+        raise UserError("--metrics cas needs a class-conditional checkpoint; this one is unconditional")
     minimum = max(2, model.num_classes or 0)
     if settings.num_samples < minimum:
         raise UserError(
@@ -154,11 +164,12 @@ class RealData:
 
 
 @functools.lru_cache(maxsize=2)
-def load_real_data(name: str, data_dir: str | None) -> RealData:
-    """Both splits of a data set, read once per process (evaluations of several checkpoints share
-    them; nothing changes them in place)."""
-    test_images, test_labels = load_images(name, "test", data_dir)
-    return RealData(test_images, test_labels, load_images(name, "train", data_dir)[0])
+def load_real_data(name: str, data_dir: str | None, shape: tuple[int, int, int] | None) -> RealData:
+    """Both splits of a data set at shape (C, H, W), or None for the data set's own, read once per
+    process (evaluations of several checkpoints share them; nothing changes them in place)."""
+    at_shape = shape_options(shape) if shape is not None else {}
+    test_images, test_labels = load_images(name, "test", data_dir, **at_shape)
+    return RealData(test_images, test_labels, load_images(name, "train", data_dir, **at_shape)[0])
 
 
 def repeat_seeds(settings: EvaluationSettings) -> list[int]:
@@ -167,12 +178,21 @@ def repeat_seeds(settings: EvaluationSettings) -> list[int]:
 
 
 def resolve_extractors(
-    settings: EvaluationSettings, data: str, data_dir: str | None, device: torch.device
+    settings: EvaluationSettings,
+    data: str,
+    data_dir: str | None,
+    device: torch.device,
+    test_set: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[list, dict[str, Any]]:
-    """The feature extractors among --metrics that can run, and the provenance of each."""
+    """The feature extractors among --metrics that can run (the classifier one for data of two or
+    more classes, at the test images' shape), and the provenance of each."""
     extractors, provenance = [], {}
-    if "classifier" in settings.metrics:
-        path = ensure_classifier(data, data_dir, settings.classifier, device)
+    if "classifier" in settings.metrics and len(test_set[1].unique()) < 2:
+        provenance["classifier"] = skipped(
+            f"classifier metrics skipped: {data_label(data, data_dir)} has one class (use the Inception ones)"
+        )
+    elif "classifier" in settings.metrics:
+        path = ensure_classifier(data, data_dir, settings.classifier, device, tuple(test_set[0].shape[1:]))
         extractor, provenance["classifier"] = classifier_extractor(path, data_label(data, data_dir))
         extractors.append(extractor)
     if "inception" in settings.metrics:
@@ -193,13 +213,18 @@ def set_metrics(images: ImageSet, comparison: Comparison) -> dict[str, Any]:
 
 
 def classifier_comparison(
-    data: str, data_dir: str | None, batch_size: int, seed: int, device: torch.device
+    data: str,
+    data_dir: str | None,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    image_shape: tuple[int, int, int] = LEGACY_IMAGE_SHAPE,
 ) -> Comparison:
-    """A Comparison with the data set's test split as the reference and its classifier (shipped, or
-    trained once) as the only extractor: what the benchmarks judge samples with."""
+    """A Comparison with the data set's test split (at image_shape) as the reference and its
+    classifier (shipped, or trained once) as the only extractor: what the benchmarks judge samples with."""
     label = data_label(data, data_dir)
-    test_images, _ = load_images(data, "test", data_dir)
-    extractor, _ = classifier_extractor(ensure_classifier(data, data_dir, None, device), label)
+    test_images, _ = load_images(data, "test", data_dir, **shape_options(image_shape))
+    extractor, _ = classifier_extractor(ensure_classifier(data, data_dir, None, device, image_shape), label)
     return Comparison(real_set(test_images, label, "test"), [extractor], batch_size, seed, device)
 
 
@@ -397,9 +422,11 @@ def evaluate(
     stem = Path(loaded.provenance["path"]).stem if loaded is not None else f"baselines_{label}"
     paths = output_paths(settings, stem)
 
-    real = load_real_data(name, data_dir)
+    real = load_real_data(name, data_dir, tuple(loaded.image_shape) if loaded is not None else None)
     test_images = real.test_images
-    extractors, extractor_info = resolve_extractors(settings, name, data_dir, device)
+    extractors, extractor_info = resolve_extractors(
+        settings, name, data_dir, device, (real.test_images, real.test_labels)
+    )
     comparison = Comparison(
         real_set(test_images, label, "test"),
         extractors,
@@ -412,7 +439,9 @@ def evaluate(
     if loaded is not None:
         copy_detector = None
         if "memorisation" in settings.metrics:
-            judge_path = ensure_classifier(name, data_dir, settings.classifier, device)
+            judge_path = ensure_classifier(
+                name, data_dir, settings.classifier, device, tuple(test_images.shape[1:])
+            )
             copy_detector = CopyDetector(
                 real.train_images, test_images, load_classifier(judge_path, device)[0]
             )

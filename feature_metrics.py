@@ -43,6 +43,7 @@ INCEPTION_EXTRACTOR = "inception-v3-compat"
 DOWNLOAD_TIMEOUT_S = 20
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, lowered to half the smaller set when needed
 ISC_SPLITS = 10  # torch-fidelity's default, lowered to the number of images when needed
+PRC_NEIGHBOURHOOD = 3  # torch-fidelity's k of precision/recall: each set needs more images than k
 SHORT_HASH = 12
 METRIC_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")
 
@@ -214,6 +215,11 @@ def fidelity_metrics(candidate: ImageSet, extractor: Extractor, comparison: Comp
     """FID, IS (of the candidate), KID and precision/recall against the reference, by
     torch_fidelity.calculate_metrics. IS uses min(10, N) splits."""
     reference = comparison.reference
+    if len(candidate.images) <= PRC_NEIGHBOURHOOD:
+        raise UserError(
+            f"precision/recall need at least {PRC_NEIGHBOURHOOD + 1} images per set, "
+            f"got {len(candidate.images)}: raise --num-samples"
+        )
     subset_size = kid_subset_size(len(candidate.images), len(reference.images))
     result = torch_fidelity.calculate_metrics(
         input1=Uint8Images(candidate.images),

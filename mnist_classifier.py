@@ -11,21 +11,24 @@ Examples (about two minutes on a 2-core CPU for MNIST-5k):
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from classifier import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, default_classifier_path, train_and_save
+from classifier import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, MIN_STEPS, train_and_save
 from cli import OneLineErrorParser, positive_float, positive_int, run_cli
-from output_files import writable_dir
 from runtime import resolve_device
 from settings import DataSettings
 
 
 def parse_args(argv: list[str] | None = None):
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
-    DataSettings.add_flags(parser)
+    DataSettings.add_flags(parser, names=("data", "data_dir", "image_size", "channels"))
     add = parser.add_argument
     add("--out", default=None, help="weights file (default: classifier.default_classifier_path of the data)")
-    add("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="passes over the train split")
+    add(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help=f"passes over the train split (default: {DEFAULT_EPOCHS}, more for fewer than "
+        f"{MIN_STEPS} batches in all)",
+    )
     add("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="training batch size")
     add("--lr", type=positive_float, default=DEFAULT_LR, help="Adam learning rate")
     add("--seed", type=int, default=0, help="seed of the initial weights and batch order")
@@ -36,10 +39,8 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = DataSettings.from_args(args)
-    out = Path(args.out) if args.out else default_classifier_path(data.data, data.data_dir)
-    writable_dir(out.parent)
     info = train_and_save(
-        out,
+        args.out,
         data.data,
         data.data_dir,
         args.epochs,
@@ -47,9 +48,13 @@ def main(argv: list[str] | None = None) -> None:
         args.lr,
         args.seed,
         resolve_device(args.device),
+        data.image_size,
+        data.channels,
     )
     accuracy = f"{info['test_accuracy']:.4f}"
-    print(f"test accuracy on {info['data']} test ({info['num_test']} images): {accuracy}; saved {out}")
+    print(
+        f"test accuracy on {info['data']} test ({info['num_test']} images): {accuracy}; saved {info['path']}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The light U-Net that predicts the noise (or v) of a 1-channel 28x28 image at timestep t.
+"""The U-Net that predicts the noise (or v) of an image (C x H x W: 1 x 28 x 28 for MNIST) at timestep t.
 
 The architecture of Ho et al. 2020 (arXiv:2006.11239, appendix B) as refined by Nichol & Dhariwal
 2021 (arXiv:2102.09672): residual blocks with GroupNorm and a timestep embedding, self-attention at
 chosen resolutions, and an optional class embedding with a "null" label for classifier-free guidance
-(Ho & Salimans 2022, arXiv:2207.12598).
+(Ho & Salimans 2022, arXiv:2207.12598). Any image size works: each downsampling halves a side
+rounding up (20 -> 10 -> 5 -> 3) and each upsampling returns to its skip connection's size.
 
 Example:
     model = UNet(model_channels=64, channel_mult=(1, 2, 2))
@@ -81,14 +82,26 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class ResidualBlock(nn.Module):
-    """GroupNorm, SiLU, conv; add the embedding; GroupNorm, SiLU, dropout, conv; plus a skip."""
+    """GroupNorm, SiLU, conv; the timestep (and label) embedding; GroupNorm, SiLU, dropout, conv; a skip.
 
-    def __init__(self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float):
+    With scale_shift_norm (the default) the embedding gives a per-channel scale and shift applied after
+    the second GroupNorm, norm(h) * (1 + scale) + shift: AdaGN (Dhariwal & Nichol 2021,
+    arXiv:2105.05233, section 3; improved-diffusion's use_scale_shift_norm). Without it the embedding is
+    added before that norm, as in Ho et al.; a GroupNorm of one channel per group (widths up to 32)
+    then subtracts the whole embedding again, so such levels see neither t nor the label. Checkpoints
+    written before scale_shift_norm existed are built without it (checkpointing.build_model).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, embedding_dim: int, dropout: float, scale_shift_norm: bool
+    ):
         super().__init__()
+        self.scale_shift_norm = scale_shift_norm
         self.in_layers = nn.Sequential(
             group_norm(in_channels), nn.SiLU(), Conv2d(in_channels, out_channels, 3, padding=1)
         )
-        self.embedding_projection = nn.Sequential(nn.SiLU(), nn.Linear(embedding_dim, out_channels))
+        projected = 2 * out_channels if scale_shift_norm else out_channels
+        self.embedding_projection = nn.Sequential(nn.SiLU(), nn.Linear(embedding_dim, projected))
         self.out_layers = nn.Sequential(
             group_norm(out_channels),
             nn.SiLU(),
@@ -98,8 +111,15 @@ class ResidualBlock(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x) + self.embedding_projection(embedding)[:, :, None, None]
-        return self.skip(x) + self.out_layers(h)
+        h = self.in_layers(x)
+        projected = self.embedding_projection(embedding)[:, :, None, None]
+        if self.scale_shift_norm:
+            norm, rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = projected.chunk(2, dim=1)
+            h = rest(norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + projected)
+        return self.skip(x) + h
 
 
 class AttentionBlock(nn.Module):
@@ -122,7 +142,7 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 convolution: 28 -> 14 -> 7 -> 4."""
+    """Stride-2 convolution, a side n -> ceil(n / 2): 28 -> 14 -> 7 -> 4, 32 -> 16 -> 8 -> 4."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -147,11 +167,18 @@ class Level(nn.Module):
     """The residual blocks (each optionally followed by attention) of one U-Net resolution."""
 
     def __init__(
-        self, channels_in: list[int], channels_out: int, embedding_dim: int, dropout: float, attention: bool
+        self,
+        channels_in: list[int],
+        channels_out: int,
+        embedding_dim: int,
+        dropout: float,
+        attention: bool,
+        scale_shift_norm: bool,
     ):
         super().__init__()
         self.blocks = nn.ModuleList(
-            ResidualBlock(c_in, channels_out, embedding_dim, dropout) for c_in in channels_in
+            ResidualBlock(c_in, channels_out, embedding_dim, dropout, scale_shift_norm)
+            for c_in in channels_in
         )
         self.attentions = nn.ModuleList(
             AttentionBlock(channels_out) if attention else nn.Identity() for _ in channels_in
@@ -162,8 +189,10 @@ class UNet(nn.Module):
     """U-Net eps/v predictor: [B, in_channels, H, W], t [B] (, labels [B]) -> [B, in_channels, H, W].
 
     channel_mult gives the width of each resolution level as a multiple of model_channels;
-    attention_resolutions lists the feature-map sizes (28, 14, 7, 4) that get self-attention.
+    attention_resolutions lists the feature-map heights (28, 14, 7, 4 for image_size 28) that get
+    self-attention.
     With num_classes = K the labels 0..K-1 are embedded, and label K is the null label.
+    scale_shift_norm: how the residual blocks take the embedding (see ResidualBlock).
     """
 
     def __init__(
@@ -176,6 +205,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_classes: int | None = None,
         image_size: int = 28,
+        scale_shift_norm: bool = True,
     ):
         super().__init__()
         self.model_channels, self.num_classes = model_channels, num_classes
@@ -195,7 +225,14 @@ class UNet(nn.Module):
         for level, width in enumerate(widths):
             inputs = [channels] + [width] * (num_res_blocks - 1)
             self.down_levels.append(
-                Level(inputs, width, embedding_dim, dropout, resolutions[level] in attention_resolutions)
+                Level(
+                    inputs,
+                    width,
+                    embedding_dim,
+                    dropout,
+                    resolutions[level] in attention_resolutions,
+                    scale_shift_norm,
+                )
             )
             channels = width
             skip_channels += [width] * num_res_blocks
@@ -203,9 +240,9 @@ class UNet(nn.Module):
                 self.downsamples.append(Downsample(channels))
                 skip_channels.append(channels)
 
-        self.middle_block_in = ResidualBlock(channels, channels, embedding_dim, dropout)
+        self.middle_block_in = ResidualBlock(channels, channels, embedding_dim, dropout, scale_shift_norm)
         self.middle_attention = AttentionBlock(channels)
-        self.middle_block_out = ResidualBlock(channels, channels, embedding_dim, dropout)
+        self.middle_block_out = ResidualBlock(channels, channels, embedding_dim, dropout, scale_shift_norm)
 
         self.up_levels, self.upsamples = nn.ModuleList(), nn.ModuleList()
         for level in reversed(range(len(widths))):
@@ -215,7 +252,14 @@ class UNet(nn.Module):
                 inputs.append(channels + skip_channels.pop())
                 channels = width
             self.up_levels.append(
-                Level(inputs, width, embedding_dim, dropout, resolutions[level] in attention_resolutions)
+                Level(
+                    inputs,
+                    width,
+                    embedding_dim,
+                    dropout,
+                    resolutions[level] in attention_resolutions,
+                    scale_shift_norm,
+                )
             )
             if level > 0:
                 self.upsamples.append(Upsample(channels))

@@ -23,6 +23,8 @@ from typing import Any
 
 from messages import UserError
 
+TEMP_SUFFIX = ".tmp"  # atomic_write's temp files are .NAME.XXXXXXXX.tmp beside NAME
+
 
 class OutputError(UserError):
     """An output file or folder that cannot be written (no space, read-only, not a folder)."""
@@ -51,7 +53,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
     os.close(handle)
@@ -62,12 +64,22 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         with open(temp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temp, path)
+        sync_directory(path.parent)
     except OSError as error:
         temp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def sync_directory(folder: Path) -> None:
+    """fsync a folder, so that a rename into it survives a power cut."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _current_umask() -> int:

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import nn
 
 from messages import UserError, note
 
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")  # what --device may name besides auto
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SWITCHES = ("auto", "on", "off")
@@ -37,12 +39,14 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a UserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise UserError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def configure_fast_path(device: torch.device) -> None:

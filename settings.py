@@ -11,6 +11,10 @@ Presets (`train_MNIST.py --preset NAME`) replace some defaults; flags given expl
        whose widths grow where the feature maps are small, v-prediction (Salimans & Ho 2022,
        arXiv:2202.00512), min-SNR-5 weights (Hang et al. 2023, arXiv:2303.09556), AdamW 2e-3,
        EMA 0.999, bf16 autocast
+  cifar10  Ho et al. 2020's CIFAR-10 run (arXiv:2006.11239, appendix B): a 35.7M U-Net of 128 channels,
+       widths 1,2,2,2, 2 blocks per level, attention at 16x16, dropout 0.1, the embedding added
+       before the norm; linear betas, eps, AdamW 2e-4 (constant after 5,000 warm-up steps), batch
+       128, EMA 0.9999, 800k steps, horizontal flips
 
 Example:
     parser = OneLineErrorParser()
@@ -21,27 +25,31 @@ Example:
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from cli import (
-    at_least_two,
     fraction,
+    int_between,
     int_tuple,
+    int_tuple_between,
     non_negative_float,
     non_negative_float_tuple,
     non_negative_int,
     positive_float,
     positive_int,
-    positive_int_tuple,
+    seed_number,
 )
-from data_sources import DATA_SETS
+from data_sources import DATA_SETS, NUM_CLASSES, flips_by_default
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 from runtime import AMP_MODES, COMPILE_MODES, SWITCHES
 
 LR_SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "cpu")
-NUM_CLASSES = 10  # digits (and Fashion-MNIST's ten classes)
+# Upper limits of the sizes, far above any useful value, so that a typo is one line, not an allocation
+# of terabytes: U-Net width, width multiplier per level, residual blocks per level, diffusion steps.
+MAX_MODEL_CHANNELS, MAX_CHANNEL_MULT, MAX_RES_BLOCKS, MAX_T = 1024, 16, 16, 100_000
+IMAGE_CHANNELS = (1, 3)
 
 
 def setting(default: Any, help: str, type=None, choices=None, flag: str | None = None):  # noqa: A002
@@ -60,16 +68,20 @@ class Settings:
         parser: argparse.ArgumentParser,
         defaults: Settings | None = None,
         helps: dict[str, str] | None = None,
+        names: tuple[str, ...] | None = None,
     ) -> None:
-        """Add one flag per field in a group: defaults from `defaults` (else the dataclass's), help
-        texts from `helps` where given (a script's own wording of what its default means)."""
+        """Add one flag per field (or per field among `names`) in a group: defaults from `defaults`
+        (else the dataclass's), help texts from `helps` where given (a script's own wording of what
+        its default means)."""
         defaults = defaults if defaults is not None else cls()
         group = parser.add_argument_group(cls.TITLE)
         for spec in fields(cls):
+            if names is not None and spec.name not in names:
+                continue
             meta, value = spec.metadata, getattr(defaults, spec.name)
             help_text = (helps or {}).get(spec.name, meta["help"])
             options = {"dest": spec.name, "default": value, "help": help_text}
-            if isinstance(value, bool):
+            if isinstance(value, bool) or meta["type"] is bool:  # bool, or None meaning "it depends"
                 options["action"] = argparse.BooleanOptionalAction
             else:
                 options |= {"type": meta["type"], "choices": meta["choices"]}
@@ -79,36 +91,66 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
-        return cls(**{spec.name: getattr(args, spec.name) for spec in fields(cls)})
+        """The dataclass of the parsed flags; fields without a flag (see add_flags' names) keep
+        their defaults."""
+        return cls(
+            **{spec.name: getattr(args, spec.name) for spec in fields(cls) if hasattr(args, spec.name)}
+        )
 
 
 @dataclass(frozen=True)
 class DataSettings(Settings):
     TITLE = "data"
-    data: str = setting("mnist", "data set (mnist downloads into data/ once)", choices=DATA_SETS)
-    data_dir: str | None = setting(None, "folder of MNIST-format IDX files (overrides --data)")
+    data: str = setting(
+        "mnist", "data set (mnist, cifar10, celeba download into data/ once)", choices=DATA_SETS
+    )
+    data_dir: str | None = setting(
+        None,
+        "folder of MNIST-format IDX files, CIFAR-10's cifar-10-batches-py, CelebA, or PNG/JPEG images "
+        "(a sub-folder per class); overrides --data",
+    )
+    image_size: int | None = setting(
+        None, "resize (centre-cropped) to S x S (default: the data's own size; celeba 64)", positive_int
+    )
+    channels: int | None = setting(
+        None, "1 (grey) or 3 (RGB) (default: the data's own)", int, choices=IMAGE_CHANNELS
+    )
+    hflip: bool | None = setting(
+        None, "random horizontal flips of the training batches (default: on for cifar10 and celeba)", bool
+    )
+    CHECKPOINT_FLAGS: ClassVar[tuple[str, ...]] = ("data", "data_dir")
 
     @classmethod
     def add_checkpoint_flags(cls, parser: argparse.ArgumentParser) -> None:
-        """--data and --data-dir for scripts that read a checkpoint: by default its own data."""
+        """--data and --data-dir for scripts that read a checkpoint: by default its own data, at the
+        checkpoint's image shape."""
         helps = {
             "data": "data set of the test images (default: the checkpoint's)",
-            "data_dir": "folder of MNIST-format IDX files (default: the checkpoint's)",
+            "data_dir": "folder of the test images, any layout --data-dir takes (default: the checkpoint's)",
         }
-        cls.add_flags(parser, cls(data=None), helps)
+        cls.add_flags(parser, cls(data=None), helps, cls.CHECKPOINT_FLAGS)
+
+    def with_defaults(self) -> DataSettings:
+        """hflip resolved for this data (on for CIFAR-10 and CelebA unless told otherwise)."""
+        if self.hflip is not None:
+            return self
+        return replace(self, hflip=flips_by_default(self.data, self.data_dir))
 
 
 @dataclass(frozen=True)
 class ModelSettings(Settings):
     TITLE = "U-Net (model.py)"
-    model_channels: int = setting(64, "width of the first U-Net level", positive_int)
+    model_channels: int = setting(64, "width of the first U-Net level", int_between(1, MAX_MODEL_CHANNELS))
     channel_mult: tuple[int, ...] = setting(
-        (1, 2, 2), "width of each level / model-channels", positive_int_tuple
+        (1, 2, 2), "width of each level / model-channels", int_tuple_between(1, MAX_CHANNEL_MULT)
     )
-    num_res_blocks: int = setting(2, "residual blocks per level", positive_int)
+    num_res_blocks: int = setting(2, "residual blocks per level", int_between(1, MAX_RES_BLOCKS))
     attn_resolutions: tuple[int, ...] = setting((14,), "feature-map sizes with self-attention", int_tuple)
     dropout: float = setting(0.1, "dropout in the residual blocks, in [0, 1)", fraction)
     class_cond: bool = setting(False, "condition on the class labels (classifier-free guidance)")
+    scale_shift_norm: bool = setting(
+        True, "t and the label scale and shift each block's second GroupNorm (AdaGN; off: added before it)"
+    )
 
     def unet_config(self, in_channels: int, image_size: int) -> dict[str, Any]:
         """The keyword arguments of model.UNet, as plain values (lists, not tuples)."""
@@ -121,13 +163,14 @@ class ModelSettings(Settings):
             "dropout": self.dropout,
             "num_classes": NUM_CLASSES if self.class_cond else None,
             "image_size": image_size,
+            "scale_shift_norm": self.scale_shift_norm,
         }
 
 
 @dataclass(frozen=True)
 class DiffusionSettings(Settings):
     TITLE = "diffusion (diffusion.py)"
-    T: int = setting(1000, "diffusion steps", at_least_two, flag="--T")
+    T: int = setting(1000, "diffusion steps", int_between(2, MAX_T), flag="--T")
     schedule: str = setting("cosine", "noise schedule", choices=SCHEDULES)
     prediction: str = setting("eps", "what the network predicts", choices=PREDICTIONS)
 
@@ -208,7 +251,7 @@ class RunSettings(Settings):
     TITLE = "outputs"
     out_dir: str = setting("checkpoints", "checkpoints, log, loss plot and sample grids")
     resume: str | None = setting(None, "latest (newest checkpoint in --out-dir) or a checkpoint path")
-    seed: int = setting(0, "seed for weights, data order, noise and sample grids", int)
+    seed: int = setting(0, "seed for weights, data order, noise and sample grids", seed_number)
     save_every: int = setting(10, "epochs between mnist_epoch_XX.pt files", positive_int)
     sample_every: int = setting(5, "epochs between sample grids", positive_int)
     log_every: int = setting(50, "steps between rows of train_log.csv", positive_int)
@@ -242,9 +285,12 @@ class EvaluationSettings(Settings):
         1, "sample sets (seeds seed, seed+1, ...): each sample metric as mean ± std over them", positive_int
     )
     batch_size: int = setting(250, "images per sampler / feature batch", positive_int)
-    seed: int = setting(0, "seed of the sampling noise, image subsets and KID subsets", int)
+    seed: int = setting(0, "seed of the sampling noise, image subsets and KID subsets", seed_number)
     metrics: tuple[str, ...] = setting(
-        METRICS, "comma-separated subset of " + ", ".join(METRICS), metric_names
+        METRICS,
+        "comma-separated subset of " + ", ".join(METRICS) + " (cas: class-conditional checkpoints only; "
+        "the default skips it for others)",
+        metric_names,
     )
     inception_weights: str | None = setting(None, "local copy of torch-fidelity's InceptionV3 weights")
     classifier: str | None = setting(
@@ -299,7 +345,7 @@ class VisualisationSettings(Settings):
     strip_steps: int = setting(10, "columns (steps) in strip.png", positive_int)
     gif_frames: int = setting(60, "most frames in reverse.gif", positive_int)
     out_dir: str = setting("step_outputs_mnist", "where images, CSVs and plots go")
-    seed: int = setting(0, "seed for the image choice, the noise and the sampler", int)
+    seed: int = setting(0, "seed for the image choice, the noise and the sampler", seed_number)
     device: str = setting("auto", "auto | cpu | cuda[:N]")
 
 
@@ -319,6 +365,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "amp": "bf16",
     },
+    "cifar10": {
+        "data": "cifar10",
+        "model_channels": 128,
+        "channel_mult": (1, 2, 2, 2),
+        "num_res_blocks": 2,
+        "attn_resolutions": (16,),
+        "dropout": 0.1,
+        "scale_shift_norm": False,  # Ho et al.'s residual block adds the embedding
+        "schedule": "linear",
+        "prediction": "eps",
+        "lr": 2e-4,
+        "lr_schedule": "constant",
+        "warmup_steps": 5000,
+        "batch_size": 128,
+        "ema_decay": 0.9999,
+        "epochs": 2052,  # 390 steps per epoch: enough for the 800k steps
+        "max_steps": 800_000,
+        "hflip": True,
+    },
 }
 DEFAULT_PRESET = "gpu"
 
@@ -327,13 +392,17 @@ def presets_help() -> str:
     """The --help epilog: each preset's values as flags."""
     lines = ["presets (flags given explicitly override them):"]
     for name, values in PRESETS.items():
-        flags = " ".join(f"--{key.replace('_', '-')} {_flag_text(value)}" for key, value in values.items())
+        flags = " ".join(_flag_text(key, value) for key, value in values.items())
         lines.append(f"  {name}: {flags or 'the defaults above'}")
     return "\n".join(lines)
 
 
-def _flag_text(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+def _flag_text(key: str, value: Any) -> str:
+    """One preset value as the flag that sets it: --hflip, --no-hflip, --channel-mult 1,2,2."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} " + (",".join(map(str, value)) if isinstance(value, tuple) else str(value))
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,14 @@ def main(argv: list[str] | None = None) -> None:
     result = train(training_job_from_flags(argv, description=__doc__.split("\n\n")[0]))
     position = f"step {result.step} ({result.epoch} epochs + {result.batch_in_epoch} batches)"
     if result.signal_number is None:
-        print(f"{position}, stopped by {result.stopped_by}: {result.out_dir / 'last.pt'}")
+        if result.is_main:
+            print(f"{position}, stopped by {result.stopped_by}: {result.out_dir / 'last.pt'}")
         return
-    print(
-        f"stopped by {result.stopped_by} at {position}: saved {result.out_dir / 'last.pt'}, "
-        "continue with --resume latest"
-    )
+    if result.is_main:
+        print(
+            f"stopped by {result.stopped_by} at {position}: saved {result.out_dir / 'last.pt'}, "
+            "continue with --resume latest"
+        )
     raise SystemExit(128 + result.signal_number)
 
 

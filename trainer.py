@@ -16,7 +16,9 @@ counts on from the seconds already trained).
 Writes to the output folder: last.pt (every epoch end and at a stop), mnist_epoch_XX.pt (every
 --save-every epochs and after the last), train_log.csv, loss.png, samples_epoch_XX.png (every
 --sample-every epochs and after the last) and samples_step_XXXXXX.png at a stop by --max-steps or
---max-minutes (EMA weights, fixed noise, DDIM 50 steps).
+--max-minutes (EMA weights, fixed noise, DDIM 50 steps); train.lock while it runs (folder_lock.py:
+one run per folder). A disk that fails while saving or logging stops the run with one line naming the
+file; the checkpoints saved before stay intact.
 
 Example:
     result = train(TrainingJob(data=DataSettings("mnist-5k"), training=TrainingSettings(max_minutes=15)))
@@ -24,13 +26,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,11 +51,12 @@ from checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from data_sources import load_images
+from data_sources import load_pixels, random_hflip, to_model_range
 from diffusion import GaussianDiffusion
+from folder_lock import FolderLock
 from messages import UserError
 from model import count_parameters
-from output_files import writable_dir
+from output_files import OutputError, writable_dir, write_csv
 from pictures import plot_loss, save_image_grid
 from runtime import (
     SpeedPlan,
@@ -81,8 +85,8 @@ class TrainingDiverged(UserError):
 
 
 class TrainingResult(NamedTuple):
-    """Where a run ended: its folder, position, and what stopped it ("epochs", "max_steps",
-    "max_minutes", or a signal's name such as "SIGTERM")."""
+    """Where a run ended: its folder, position, what stopped it ("epochs", "max_steps",
+    "max_minutes", or a signal's name such as "SIGTERM"), and whether this process saved it."""
 
     out_dir: Path
     step: int
@@ -90,6 +94,7 @@ class TrainingResult(NamedTuple):
     batch_in_epoch: int
     stopped_by: str
     signal_number: int | None
+    is_main: bool = True  # rank 0 (the one that saved), or the only process
 
 
 # ----- processes ----------------------------------------------------------------------------------
@@ -214,8 +219,12 @@ def refuse_to_overwrite(out_dir: Path) -> None:
 
 
 def load_training_data(job: TrainingJob, processes: Processes) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole training split on the device: images [N, C, H, W] in [-1, 1], labels [N]."""
-    images, labels = load_images(job.data.data, "train", job.data.data_dir)
+    """The whole training split on the device: uint8 pixels [N, C, H, W] (each batch is mapped to
+    [-1, 1] as it is drawn), labels [N]."""
+    data = job.data
+    images, labels = load_pixels(
+        data.data, "train", data.data_dir, image_size=data.image_size, channels=data.channels
+    )
     images_per_step = job.training.batch_size * processes.world_size
     if len(images) < images_per_step:
         raise UserError(
@@ -350,8 +359,7 @@ class TrainingLog:
                 f"{grad_norm:.4f}",
                 f"{images_per_second:.1f}",
             )
-            csv.writer(self.file).writerow(row)
-            self.file.flush()
+            self.write_row(row)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.0f}")
         self.losses, self.grad_norms = [], []
         self.restart_clock()
@@ -370,25 +378,40 @@ class TrainingLog:
                     f"training stopped, nothing saved after the last checkpoint in {self.out_dir}/"
                 )
 
+    def write_row(self, row: tuple) -> None:
+        """Append a row to train_log.csv and flush it; a full disk is an OutputError naming the file."""
+        try:
+            csv.writer(self.file).writerow(row)
+            self.file.flush()
+        except OSError as error:
+            raise OutputError(f"cannot write {self.file.name}: {error.strerror or error}") from None
+
     def restart_clock(self) -> None:
         self.window_start = time.perf_counter()
 
     def close(self) -> None:
+        """Close train_log.csv (every row was flushed when written: nothing is lost if this fails)."""
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
 
 
 def open_log(path: Path, resume_step: int | None):
-    """train_log.csv for writing; a resumed run keeps the rows up to its checkpoint's step."""
+    """train_log.csv for appending: a new run's header, or a resumed run's rows up to its checkpoint's
+    step, first written whole (output_files.write_csv)."""
     kept = []
     if resume_step is not None and path.is_file():
         with path.open(newline="") as old:
-            kept = [row for row in csv.DictReader(old) if int(row["step"]) <= resume_step]
-    log_file = path.open("w", newline="")
-    writer = csv.DictWriter(log_file, LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(kept)
-    return log_file
+            kept = [
+                [row[key] for key in LOG_FIELDS]
+                for row in csv.DictReader(old)
+                if int(row["step"]) <= resume_step
+            ]
+    write_csv([LOG_FIELDS, *kept], path)
+    try:
+        return path.open("a", newline="")
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 class BudgetClock:
@@ -474,7 +497,9 @@ class Run:
     def train_step(self, indices: torch.Tensor, seconds: float) -> None:
         """Algorithm 1 on one batch, then clip, AdamW at the scheduled LR, and the EMA."""
         state, training = self.state, self.job.training
-        x0 = self.images[indices]
+        x0 = to_model_range(self.images[indices])
+        if self.job.data.hflip:
+            x0 = random_hflip(x0)
         labels = drop_labels(self.labels[indices], training.p_uncond) if self.job.model.class_cond else None
         with autocast_context(self.plan.amp, self.processes.device):
             loss = self.diffusion.training_loss(
@@ -578,7 +603,13 @@ class Run:
             )
         checkpoint = self.state.to_checkpoint(self.config, rng_states)
         for name in names:
-            save_checkpoint(checkpoint, self.out_dir / name)
+            try:
+                save_checkpoint(checkpoint, self.out_dir / name)
+            except OutputError as error:
+                raise OutputError(
+                    f"{error}: training stopped at step {self.state.step}; the checkpoints saved before "
+                    f"are intact in {self.out_dir}/"
+                ) from None
 
     @torch.no_grad()
     def save_samples(self, name: str) -> None:
@@ -615,9 +646,9 @@ def replicas_agree(model: torch.nn.Module, processes: Processes) -> bool:
     return len(set(processes.gather(digest.hexdigest()))) == 1
 
 
-def prepare_run(job: TrainingJob, processes: Processes) -> Run:
-    """Check the output folder, load the data, build or resume the state."""
-    out_dir = writable_dir(job.run.out_dir)
+def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
+    """Load the data, build or resume the state."""
+    job = replace(job, data=job.data.with_defaults())
     runtime = job.runtime
     plan = plan_speed(
         runtime.amp, runtime.compile, runtime.compile_mode, runtime.channels_last, processes.device,
@@ -655,7 +686,8 @@ def describe(run: Run, resumed: tuple[dict[str, Any], Path] | None) -> None:
     )
     processes.announce(
         f"U-Net {count_parameters(state.model):,} parameters | {job.data.data_dir or job.data.data}: "
-        f"{len(run.images):,} images {'x'.join(map(str, run.config['image_shape']))} | "
+        f"{len(run.images):,} images {'x'.join(map(str, run.config['image_shape']))}"
+        f"{', flipped' if job.data.hflip else ''} | "
         f"{processes.world_size} x {processes.device}, {run.plan.describe()} | "
         f"{run.steps_per_epoch} steps/epoch x {job.training.epochs} epochs{budget} | to {run.out_dir}/"
     )
@@ -667,17 +699,20 @@ def describe(run: Run, resumed: tuple[dict[str, Any], Path] | None) -> None:
 
 
 def train(job: TrainingJob) -> TrainingResult:
-    """Run (or resume) a training job to its first stop rule; a stop signal saves last.pt."""
+    """Run (or resume) a training job to its first stop rule; a stop signal saves last.pt. Rank 0
+    holds the output folder's lock (folder_lock.py) from the first check to the last write."""
     processes = setup_processes(job.runtime.device)
     try:
-        return train_on(job, processes)
+        out_dir = writable_dir(job.run.out_dir)
+        with FolderLock(out_dir) if processes.is_main else contextlib.nullcontext():
+            return train_on(job, processes, out_dir)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train_on(job: TrainingJob, processes: Processes) -> TrainingResult:
-    run = prepare_run(job, processes)
+def train_on(job: TrainingJob, processes: Processes, out_dir: Path) -> TrainingResult:
+    run = prepare_run(job, processes, out_dir)
     try:
         with StopSignals() as signals:
             stopped_by = run.run_epochs(signals)
@@ -699,5 +734,11 @@ def train_on(job: TrainingJob, processes: Processes) -> TrainingResult:
         stopped_by = signal.Signals(run.signal_number).name
     state = run.state
     return TrainingResult(
-        run.out_dir, state.step, state.epoch, state.batch_in_epoch, stopped_by, run.signal_number
+        run.out_dir,
+        state.step,
+        state.epoch,
+        state.batch_in_epoch,
+        stopped_by,
+        run.signal_number,
+        processes.is_main,
     )

@@ -28,7 +28,7 @@ from torch import nn
 
 from checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
 from classifier import ensure_classifier, load_classifier
-from data_sources import load_images, spread_over_classes
+from data_sources import load_images, shape_options, spread_over_classes
 from diffusion import GaussianDiffusion
 from messages import UserError
 from output_files import writable_dir, write_csv
@@ -81,10 +81,10 @@ def data_of(data: DataSettings, config: dict) -> tuple[str, str | None]:
 def chosen_test_images(
     settings: VisualisationSettings, data: DataSettings, config: dict, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The test-split images [B, C, H, W] and labels [B] on device, and their indices: --index, else
-    --num-images spread over the classes (seeded)."""
+    """The test-split images [B, C, H, W] (at the checkpoint's image shape) and labels [B] on device,
+    and their indices: --index, else --num-images spread over the classes (seeded)."""
     name, data_dir = data_of(data, config)
-    images, labels = load_images(name, "test", data_dir)
+    images, labels = load_images(name, "test", data_dir, **shape_options(image_shape(config)))
     indices = list(settings.index) or spread_over_classes(labels, settings.num_images, settings.seed)
     outside = [index for index in indices if not 0 <= index < len(images)]
     if outside:
@@ -109,7 +109,8 @@ def commitment_judge(
     if not settings.commitment:
         return None
     name, data_dir = data_of(data, config)
-    return load_classifier(ensure_classifier(name, data_dir, None, device), device)[0]
+    path = ensure_classifier(name, data_dir, None, device, tuple(image_shape(config)))
+    return load_classifier(path, device)[0]
 
 
 def commitment_rows(

@@ -1,11 +1,14 @@
 """The competitors of the benchmarks: diffusers' UNet2DModel and denoising-diffusion-pytorch's Unet.
 
 Both are benchmark-only dependencies (benchmarks/requirements.txt). Each model is wrapped so that
-`denoiser(x_t, t) -> prediction` has the signature of this repo's UNet (x_t: [B, 1, 28, 28],
-t: [B] long), and sized to a parameter budget so that throughput is compared at equal size.
+`denoiser(x_t, t) -> prediction` has the signature of this repo's UNet (x_t: [B, C, H, W], t: [B]
+long), and sized to a parameter budget so that throughput is compared at equal size. For CIFAR-10
+(3 x 32 x 32), DIFFUSERS_CIFAR10 is the layout of diffusers' `google/ddpm-cifar10-32`, its conversion
+of Ho et al. 2020's (arXiv:2006.11239) CIFAR-10 model: 35,746,307 parameters.
 
 Example:
     unet = diffusers_unet(DIFFUSERS_TUNED)          # the tuned set-up of issue 7: 1,062,497 parameters
+    cifar = diffusers_unet(diffusers_cifar10_setup(128), (3, 32, 32))   # Ho et al.'s CIFAR-10 U-Net
     lucid = lucidrains_unet_matching(1_000_000)     # the Unet whose size is closest to 1M
 """
 
@@ -32,6 +35,20 @@ DIFFUSERS_TUNED = {
     "layers_per_block": 1,
     "attention": (False, False, False),
 }
+CIFAR10_WIDTHS = (1, 2, 2, 2)  # of the first width; attention at the second level (16 x 16)
+CIFAR10_ATTENTION = (False, True, False, False)
+# google/ddpm-cifar10-32's settings that differ from UNet2DModel's defaults (as converted from Ho et al.)
+CIFAR10_OPTIONS = {"downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6}
+
+
+def diffusers_cifar10_setup(channels: int, layers_per_block: int = 2) -> dict:
+    """google/ddpm-cifar10-32's layout with first width `channels` (128 there) and layers per block."""
+    return {
+        "block_out_channels": tuple(channels * mult for mult in CIFAR10_WIDTHS),
+        "layers_per_block": layers_per_block,
+        "attention": CIFAR10_ATTENTION,
+        "options": CIFAR10_OPTIONS,
+    }
 
 
 class Denoiser(nn.Module):
@@ -47,22 +64,25 @@ class Denoiser(nn.Module):
         return self.network(x, t)
 
 
-def diffusers_unet(setup: dict) -> Denoiser:
-    """diffusers UNet2DModel for 1-channel 28x28 images; attention[i] puts self-attention at level i.
+def diffusers_unet(setup: dict, image_shape: tuple[int, int, int] = (1, IMAGE_SIZE, IMAGE_SIZE)) -> Denoiser:
+    """diffusers UNet2DModel for images of image_shape (C, H, W); attention[i] puts self-attention at
+    level i, setup["options"] (if any) are further UNet2DModel arguments.
 
     The middle block keeps diffusers' default self-attention (add_attention=True), as in issue 7.
     """
     from diffusers import UNet2DModel
 
     attention = setup["attention"]
+    channels, height, _ = image_shape
     network = UNet2DModel(
-        sample_size=IMAGE_SIZE,
-        in_channels=1,
-        out_channels=1,
+        sample_size=height,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=setup["block_out_channels"],
         layers_per_block=setup["layers_per_block"],
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        **setup.get("options", {}),
     )
     return Denoiser(network, returns_tuple=True)
 

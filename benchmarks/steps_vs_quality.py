@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
 from cli import OneLineErrorParser, positive_int, positive_int_tuple, run_cli
-from data_sources import load_images
+from data_sources import load_images, shape_options
 from diffusion import GaussianDiffusion
 from evaluation import classifier_comparison, classifier_scores, set_metrics
 from feature_metrics import floor_set
@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint_path = resolve_checkpoint(args.checkpoint)
     model, diffusion, checkpoint = load_for_inference(checkpoint_path, device)
     data, data_dir = data_source(checkpoint["config"])
-    comparison = classifier_comparison(data, data_dir, args.batch_size, args.seed, device)
-    train_images, _ = load_images(data, "train", data_dir)
+    shape = image_shape(checkpoint["config"])
+    comparison = classifier_comparison(data, data_dir, args.batch_size, args.seed, device, shape)
+    train_images, _ = load_images(data, "train", data_dir, **shape_options(shape))
     floor = set_metrics(floor_set(train_images, args.num_samples, data, args.seed), comparison)["classifier"]
 
     rows = []
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         samples, _ = generate_samples(
             model, diffusion, args.num_samples, sampling=SamplingSettings(sampler, steps),
-            image_shape=image_shape(checkpoint["config"]), seed=args.seed, device=device,
+            image_shape=shape, seed=args.seed, device=device,
             batch_size=args.batch_size, progress=False,
         )  # fmt: skip
         synchronize(device)

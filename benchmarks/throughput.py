@@ -17,8 +17,14 @@ runs as --amp, --compile and --channels-last say (default: the fast path on a GP
 CPU). --networks picks a subset (ours always runs): on a machine without the two competitor
 packages (benchmarks/requirements.txt), `--networks ours,trainer` times this repo alone.
 
+`--preset cifar10` times colour 3 x 32 x 32 images instead: ours is the U-Net of train_MNIST.py's
+cifar10 preset (Ho et al.'s CIFAR-10 model), diffusers is UNet2DModel in the layout of
+google/ddpm-cifar10-32 with --reference-channels 128 and --reference-layers 2 (both 35,746,307
+parameters); only these two networks run.
+
 Example:
     python -m benchmarks.throughput --amp bf16 --threads 1 --repeats 5 --json runs/throughput.json
+    python -m benchmarks.throughput --preset cifar10 --threads 1 --batch-size 4 --repeats 3 --iters 1
     python -m benchmarks.throughput --networks ours --model-channels 64 --channel-mult 1,2,2 \\
         --num-res-blocks 2 --attn-resolutions 14 --batch-size 1024            # on a GPU: the fast path
 """
@@ -30,7 +36,7 @@ import statistics
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -39,12 +45,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from benchmarks.reference_models import diffusers_unet, lucidrains_unet_matching
+from benchmarks.reference_models import diffusers_cifar10_setup, diffusers_unet, lucidrains_unet_matching
 from checkpointing import build_model
-from cli import OneLineErrorParser, positive_int, run_cli
+from cli import OneLineErrorParser, parse_with_preset, positive_int, run_cli
 from messages import UserError
 from model import UNet, count_parameters
-from output_files import write_json
+from output_files import atomic_write, write_json
 from runtime import (
     AMP_DTYPES,
     SpeedPlan,
@@ -68,9 +74,15 @@ from settings import (
 NETWORKS = ("ours", "ours-as-diffusers", "diffusers", "lucidrains", "trainer")
 MAX_PARAMETER_MISMATCH = 0.10
 T_RANGE = 1000  # timesteps are drawn from 0..999 (the networks only embed them)
-IMAGE_SHAPE = (1, 28, 28)
-CPU_MODEL = ModelSettings(**{key: PRESETS["cpu"][key] for key in ("model_channels", "channel_mult",
-                          "num_res_blocks", "attn_resolutions", "dropout")})  # fmt: skip
+MODEL_KEYS = {spec.name for spec in fields(ModelSettings)}
+CPU_MODEL = ModelSettings(**{key: value for key, value in PRESETS["cpu"].items() if key in MODEL_KEYS})
+# The benchmark's presets: the flag defaults, and the images each times
+BENCHMARK_PRESETS = {
+    "cpu": {},
+    "cifar10": {key: value for key, value in PRESETS["cifar10"].items() if key in MODEL_KEYS}
+    | {"networks": "ours,diffusers", "reference_channels": 128, "reference_layers": 2},
+}
+IMAGE_SHAPES = {"cpu": (1, 28, 28), "cifar10": (3, 32, 32)}
 # Dense peak FLOP/s of GPUs, per autocast dtype (fp32 runs use TF32 tensor cores)
 GPU_PEAK_FLOPS = {
     "H200": {"bf16": 989e12, "none": 494e12},
@@ -90,6 +102,12 @@ def network_names(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--preset",
+        choices=tuple(BENCHMARK_PRESETS),
+        default="cpu",
+        help="MNIST's 1x28x28 or CIFAR-10's 3x32x32",
+    )
     ModelSettings.add_flags(parser, CPU_MODEL)
     RuntimeSettings.add_flags(parser)
     add = parser.add_argument
@@ -105,7 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed of weights and inputs")
     add("--json", default=None, help="also write the results to this JSON file")
     add("--profile", default=None, help="also profile ours' training steps; kernel table to this file")
-    return parser.parse_args(argv)
+    args = parse_with_preset(parser, argv, BENCHMARK_PRESETS, "cpu")
+    args.image_shape = IMAGE_SHAPES[args.preset]
+    if args.preset == "cifar10" and set(args.networks) - {"ours", "diffusers"}:
+        raise UserError("--preset cifar10 times ours and diffusers only: pass --networks ours,diffusers")
+    return args
 
 
 # ----- the contestants ----------------------------------------------------------------------------
@@ -113,19 +135,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_networks(args: argparse.Namespace, ours_settings: ModelSettings) -> dict[str, nn.Module]:
     """The chosen bare networks, checked to lie within 10% of ours in parameter count."""
-    ours = build_model({"model": ours_settings.unet_config(*IMAGE_SHAPE[:2])})
+    shape = args.image_shape
+    ours = build_model({"model": ours_settings.unet_config(shape[0], shape[1]), "image_shape": list(shape)})
     c = args.reference_channels
     reference_setup = {
         "block_out_channels": (c, 2 * c, 2 * c),
         "layers_per_block": args.reference_layers,
         "attention": (False, False, False),
     }
+    if args.preset == "cifar10":
+        reference_setup = diffusers_cifar10_setup(c, args.reference_layers)
     builders = {
         "ours": lambda: ours,
         "ours-as-diffusers": lambda: UNet(
-            model_channels=c, num_res_blocks=args.reference_layers, attention_resolutions=(), dropout=0.0
+            model_channels=c,
+            num_res_blocks=args.reference_layers,
+            attention_resolutions=(),
+            dropout=0.0,
+            scale_shift_norm=False,  # diffusers' default resnet_time_scale_shift adds the embedding
         ),
-        "diffusers": lambda: diffusers_unet(reference_setup),
+        "diffusers": lambda: diffusers_unet(reference_setup, shape),
         "lucidrains": lambda: lucidrains_unet_matching(count_parameters(ours)),
     }
     networks = {name: builders[name]() for name in args.networks if name in builders}
@@ -142,9 +171,11 @@ def check_sizes(networks: dict[str, nn.Module]) -> None:
         raise UserError(f"parameter counts differ by more than 10%: {listing}; adjust the size flags")
 
 
-def flops_per_image(network: nn.Module, device: torch.device) -> tuple[int, int]:
+def flops_per_image(
+    network: nn.Module, device: torch.device, image_shape: tuple[int, int, int]
+) -> tuple[int, int]:
     """(forward, forward + backward) FLOPs for one image, counted by FlopCounterMode."""
-    x = torch.randn(1, *IMAGE_SHAPE, device=device)
+    x = torch.randn(1, *image_shape, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         network(x, t)
@@ -164,7 +195,7 @@ class Contestant:
         # fused on a GPU, as train_MNIST.py runs it (one kernel for all parameters)
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=1e-4, fused=device.type == "cuda")
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        shape = (args.batch_size, *IMAGE_SHAPE)
+        shape = (args.batch_size, *args.image_shape)
         memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.x = torch.randn(shape, generator=generator, device=device).contiguous(
             memory_format=memory_format
@@ -255,8 +286,8 @@ def profile_training(contestant: Contestant, steps: int, path: str) -> None:
     sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=70)
     print(f"\nprofile of {steps} training steps of ours, sorted by {sort_by}:\n{table}")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(table)
+    with atomic_write(path) as temp:
+        temp.write_text(table)
 
 
 def peak_flops(device: torch.device, amp: str) -> float | None:
@@ -316,6 +347,7 @@ def environment(device: torch.device, plan: SpeedPlan, args: argparse.Namespace)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {
         "device": f"{name} ({torch.get_num_threads()} torch threads)",
+        "images": "x".join(map(str, args.image_shape)),
         "speed": plan.describe(),
         "batch_size": args.batch_size,
         "repeats": args.repeats,
@@ -326,7 +358,10 @@ def environment(device: torch.device, plan: SpeedPlan, args: argparse.Namespace)
 
 
 def print_table(results: dict, env: dict) -> None:
-    print(f"\n{env['device']}, {env['speed']}, batch {env['batch_size']}, versions {env['versions']}")
+    print(
+        f"\n{env['device']}, {env['speed']}, batch {env['batch_size']} images {env['images']}, "
+        f"versions {env['versions']}"
+    )
     print(
         f"median (min-max) of {env['repeats']} interleaved rounds; "
         f"sampling = {env['sample_steps']}-step sampler"
@@ -364,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(args.seed)
     networks = build_networks(args, ours_settings)
     contestants = {name: Contestant(network, plan, args, device) for name, network in networks.items()}
-    flops = {name: flops_per_image(c.network, device) for name, c in contestants.items()}
+    flops = {name: flops_per_image(c.network, device, args.image_shape) for name, c in contestants.items()}
     with tempfile.TemporaryDirectory() as out_dir:
         if "trainer" in args.networks:
             contestants["trainer"] = TrainerContestant(ours_settings, runtime, args, Path(out_dir))

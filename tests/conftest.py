@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny U-Net config and a tiny checkpoint trained for a few seconds on MNIST-5k."""
+"""Shared fixtures: a tiny U-Net config and a tiny checkpoint trained for a few seconds on MNIST-5k
+(its EMA weights are the trained ones, its raw weights a broken copy)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -9,13 +11,15 @@ from pathlib import Path
 # process made the suite over 10x slower; subprocesses (CLI, torchrun) inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+import data_sources  # noqa: E402
 from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
-from data_sources import load_images  # noqa: E402
+from data_sources import load_images, write_idx  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 
 TINY_MODEL_CONFIG = {
@@ -26,8 +30,10 @@ TINY_MODEL_CONFIG = {
     "attention_resolutions": (),
     "dropout": 0.0,
     "num_classes": None,
+    "scale_shift_norm": True,
 }
 TINY_TRAINING_STEPS = 200
+TINY_IMAGES = 48  # the tiny training set: 3 batches of 16, so a few steps cross epoch ends
 TINY_UNET_FLAGS = [
     "--model-channels",
     "8",
@@ -38,6 +44,33 @@ TINY_UNET_FLAGS = [
     "--attn-resolutions",
     "",
 ]
+TINY_TRAIN_FLAGS = [
+    *TINY_UNET_FLAGS,
+    "--T",
+    "20",
+    "--batch-size",
+    "16",
+    "--warmup-steps",
+    "2",
+    "--device",
+    "cpu",
+]
+
+
+def tiny_train_argv(data: Path, out_dir: Path, *extra: str) -> list[str]:
+    """train_MNIST.py flags of a tiny run (8-channel U-Net, T = 20, 3 steps per epoch of data)."""
+    return [*TINY_TRAIN_FLAGS, "--data-dir", str(data), "--out-dir", str(out_dir), *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_train_data(tmp_path_factory) -> Path:
+    """The first 48 MNIST-5k training digits and labels as IDX files."""
+    images, labels = load_images("mnist-5k", "train")
+    folder = tmp_path_factory.mktemp("tiny_train_idx")
+    pixels = ((images[:TINY_IMAGES, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+    write_idx(folder / "train-images-idx3-ubyte", pixels)
+    write_idx(folder / "train-labels-idx1-ubyte", labels[:TINY_IMAGES].numpy().astype(np.uint8))
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -45,33 +78,56 @@ def mnist_5k_test() -> tuple[torch.Tensor, torch.Tensor]:
     return load_images("mnist-5k", "test")
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint in this repo's format: a tiny eps-model trained briefly on MNIST-5k (T = 100)."""
-    torch.manual_seed(0)
-    config = {
-        "model": dict(TINY_MODEL_CONFIG),
-        "image_shape": [1, 28, 28],
-        "diffusion": {"T": 100, "schedule": "cosine", "prediction": "eps"},
-        "data": "mnist-5k",
+def broken_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights with N(0, 0.3^2) noise added to each: a network whose predictions are useless."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        key: value + 0.3 * torch.randn(value.shape, generator=generator) for key, value in weights.items()
     }
+
+
+def train_tiny(config: dict, steps: int, p_uncond: float = 0.0) -> dict[str, torch.Tensor]:
+    """The weights of config's U-Net after `steps` AdamW steps (lr 2e-3, batch 32) on MNIST-5k: with
+    num_classes, on the labels, each replaced by the null label with probability p_uncond."""
+    torch.manual_seed(0)
     model, diffusion = build_model(config), GaussianDiffusion(**config["diffusion"])
-    images, _ = load_images("mnist-5k", "train")
+    images, labels = load_images("mnist-5k", "train")
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(TINY_TRAINING_STEPS):
-        batch = images[torch.randint(0, len(images), (32,), generator=generator)]
-        loss = diffusion.training_loss(model, batch, generator=generator)
+    conditional = config["model"]["num_classes"] is not None
+    for _ in range(steps):
+        batch = torch.randint(0, len(images), (32,), generator=generator)
+        batch_labels = None
+        if conditional:
+            dropped = torch.rand(32, generator=generator) < p_uncond
+            batch_labels = labels[batch].masked_fill(dropped, config["model"]["num_classes"])
+        loss = diffusion.training_loss(model, images[batch], batch_labels, generator=generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return model.state_dict()
+
+
+def tiny_config(prediction: str = "eps", num_classes: int | None = None) -> dict:
+    return {
+        "model": dict(TINY_MODEL_CONFIG, num_classes=num_classes),
+        "image_shape": [1, 28, 28],
+        "diffusion": {"T": 100, "schedule": "cosine", "prediction": prediction},
+        "data": "mnist-5k",
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint in this repo's format: a tiny eps-model trained briefly on MNIST-5k (T = 100)."""
+    config = tiny_config()
+    weights = train_tiny(config, TINY_TRAINING_STEPS)
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
-    weights = model.state_dict()
     save_checkpoint(
         {
             "version": CHECKPOINT_VERSION,
             "config": config,
-            "model": weights,
+            "model": broken_copy(weights),  # so that a test fails if the raw weights are used by mistake
             "ema": weights,
             "epoch": 1,
             "step": TINY_TRAINING_STEPS,
@@ -79,3 +135,27 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         path,
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_conditional_checkpoint(tmp_path_factory) -> Path:
+    """A tiny class-conditional v-model trained briefly on MNIST-5k with label dropout 0.1: its samples
+    follow their labels more often than chance, and more often with guidance."""
+    config = tiny_config(prediction="v", num_classes=10)
+    weights = train_tiny(config, TINY_TRAINING_STEPS, p_uncond=0.1)
+    path = tmp_path_factory.mktemp("conditional") / "conditional.pt"
+    save_checkpoint({"version": CHECKPOINT_VERSION, "config": config, "ema": weights}, path)
+    return path
+
+
+_load_images_once = functools.cache(data_sources.load_images)
+
+
+@pytest.fixture
+def read_data_once(monkeypatch):
+    """eval and vizu read each data split once per session (3 s per MNIST-5k read on a busy machine)."""
+    import evaluation
+    import visualisation
+
+    for module in (evaluation, visualisation):
+        monkeypatch.setattr(module, "load_images", _load_images_once)

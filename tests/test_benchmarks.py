@@ -11,9 +11,11 @@ import math
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import TINY_UNET_FLAGS
 
-from benchmarks import sampling_speed, steps_vs_quality, throughput, time_to_digits
+from benchmarks import chaos, colour_training, sampling_speed, steps_vs_quality, throughput, time_to_digits
+from messages import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +37,30 @@ def test_throughput_times_ours_and_the_trainer_step(tmp_path):
     assert results["ours"]["ours_train_speedup"] == 1.0 and results["ours"]["sample_img_per_s"] > 0
     assert results["trainer"]["parameters"] == results["ours"]["parameters"]
     assert results["trainer"]["train_img_per_s"] > 0 and results["trainer"]["sample_img_per_s"] is None
+
+
+def test_throughput_cifar10_preset_times_colour_images(tmp_path):
+    argv = [*TINY_UNET_FLAGS, "--preset", "cifar10", "--networks", "ours", "--batch-size", "2",
+            "--repeats", "1", "--iters", "1", "--warmup", "1", "--device", "cpu",
+            "--json", str(tmp_path / "c.json")]  # fmt: skip
+    run_quietly(throughput.main, argv)
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["environment"]["images"] == "3x32x32" and set(report["results"]) == {"ours"}
+    assert report["results"]["ours"]["train_img_per_s"] > 0
+    with pytest.raises(UserError, match="ours and diffusers only"):
+        throughput.main(["--preset", "cifar10", "--networks", "ours,trainer"])
+
+
+def test_colour_training_writes_pngs_trains_and_summarises_the_loss(tmp_path):
+    argv = ["--steps", "4", "--images-per-class", "4", "--image-size", "16", "--batch-size", "4",
+            "--log-every", "1", "--window", "2", "--out-dir", str(tmp_path / "c"),
+            "--json", str(tmp_path / "c.json"), *TINY_UNET_FLAGS, "--T", "10"]  # fmt: skip
+    printed = run_quietly(colour_training.main, argv)
+    results = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert results["steps"] == 4 and results["first_steps"] == [1, 2] and results["last_steps"] == [3, 4]
+    assert math.isfinite(results["first_loss"]) and math.isfinite(results["last_loss"])
+    assert len(list((tmp_path / "c" / "pngs" / "squares").glob("*.png"))) == 4
+    assert "--channels 3 --image-size 16" in printed and (tmp_path / "c" / "run" / "last.pt").is_file()
 
 
 def test_sampling_speed_times_each_batch_size(tiny_checkpoint, tmp_path):
@@ -70,10 +96,19 @@ def test_time_to_digits_trains_through_the_trainer_and_evaluates(tmp_path):
     assert set(results) == {"real train digits", "ours"}
     ours = results["ours"]
     assert ours["train_command"].startswith("train_MNIST.py --preset cpu --data mnist-5k --max-minutes 0.02")
-    assert ours["steps"] >= 1 and ours["parameters"] == 1_085_937 and (out_dir / "ours" / "last.pt").is_file()
+    assert ours["steps"] >= 1 and ours["parameters"] == 1_128_577 and (out_dir / "ours" / "last.pt").is_file()
     assert math.isfinite(ours["fid"]) and "predicted-class histogram" in printed
 
 
 def test_gpu_report_script_parses():
     result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_report.sh")], capture_output=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_chaos_kills_once_and_the_resumed_run_is_bit_identical(tmp_path):
+    """benchmarks.chaos reduced: one SIGKILL in a 2-step run, then the resume; bit-identical."""
+    run_quietly(chaos.main, ["--kills", "1", "--epochs", "2", "--images", "16", "--out-dir", str(tmp_path),
+                             "--json", str(tmp_path / "chaos.json")])  # fmt: skip
+    result = json.loads((tmp_path / "chaos.json").read_text())
+    assert result["identical"] and result["differences"] == [] and len(result["launches"]) == 2
+    assert result["launches"][-1]["exit_status"] == 0 and result["checkpoints_loaded"] >= 1

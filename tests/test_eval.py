@@ -326,10 +326,11 @@ def test_kid_subsets_are_smaller_than_the_sets(evaluation):
 
 
 def test_baselines_bracket_the_generated_samples(evaluation):
+    """The tiny model's blurry digits lie between real training digits (floor) and uniform noise."""
     metrics = evaluation["report"]["metrics"]
     floor = metrics["floor"]["classifier"]["fid"]
     ceiling = metrics["ceiling"]["classifier"]["fid"]
-    assert floor < ceiling
+    assert floor < metrics["generated"]["classifier"]["fid"] < ceiling
     assert metrics["floor"]["classifier"]["num_images"] == NUM_SAMPLES
 
 
@@ -356,6 +357,23 @@ def test_sample_grid_is_written_beside_the_json(evaluation):
     assert evaluation["report"]["outputs"]["samples_png"] == str(grid)
     rows = NUM_SAMPLES // evaluation_module.GRID_COLUMNS
     assert Image.open(grid).size == (2 * (10 * 30 + 2), 2 * (rows * 30 + 2))  # 28 px + 2 px padding, x2
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", 100), ("dpm++2m", 50)])
+def test_ddpm_and_dpm_solver_evaluate_and_reconstruct(sampler, steps, tiny_checkpoint, tmp_path):
+    """Both samplers run through eval: the report records each one's model evaluations (DDPM: all
+    T = 100; DPM-Solver++: the default 50), and from t = 5 they keep the digit, from T-1 they cannot."""
+    json_path = tmp_path / "report.json"
+    run_eval(["--checkpoint", str(tiny_checkpoint), "--metrics", "recon", "--sampler", sampler,
+              "--num-samples", "10", "--recon-t", "5,99", "--num-recon", "8", "--json", str(json_path),
+              "--device", "cpu"])  # fmt: skip
+    report = json.loads(json_path.read_text())
+    assert (report["provenance"]["sampling"]["sampler"], report["provenance"]["sampling"]["steps"]) == (
+        sampler,
+        steps,
+    )
+    per_t = report["metrics"]["reconstruction"]["per_t"]
+    assert per_t["5"]["ssim_mean"] > per_t["99"]["ssim_mean"] + 0.3
 
 
 def test_sampling_is_reproducible_with_the_seed(tiny_checkpoint):
@@ -627,3 +645,20 @@ def test_inception_metrics_go_through_torch_fidelity_with_local_weights(
     assert all(math.isfinite(value) for value in report["metrics"]["generated"]["inception"].values())
     assert any((tmp_path / "cache").glob("idx-idx-test-20-*-inception-v3-compat-stat-fid-2048.pt"))
     assert "inception FID" in stdout and "Inception" not in stderr
+
+
+def test_no_ema_evaluates_the_raw_weights(tiny_checkpoint, tmp_path):
+    """The tiny checkpoint's raw weights are a broken copy of its EMA ones: --no-ema must use them
+    (and say so in the report), and their reconstructions from t = 5 are far worse."""
+    ssim = {}
+    for flag in ("--ema", "--no-ema"):
+        json_path = tmp_path / f"{flag}.json"
+        argv = ["--checkpoint", str(tiny_checkpoint), "--metrics", "recon", "--recon-t", "5", "--num-recon",
+                "8", "--steps", "4", "--num-samples", "10", "--json", str(json_path), "--device", "cpu",
+                flag]  # fmt: skip
+        run_eval(argv)
+        report = json.loads(json_path.read_text())
+        weights = report["provenance"]["checkpoint"]["weights"]
+        ssim[weights] = report["metrics"]["reconstruction"]["per_t"]["5"]["ssim_mean"]
+    assert set(ssim) == {"ema", "model"}
+    assert ssim["ema"] > ssim["model"] + 0.2

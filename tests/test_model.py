@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from model import ChannelsLastGradient, UNet, count_parameters, timestep_embedding
+from checkpointing import build_model
+from model import ChannelsLastGradient, ResidualBlock, UNet, count_parameters, timestep_embedding
 
 
 @pytest.mark.parametrize("channel_mult", [(1, 2), (1, 2, 2), (1, 2, 2, 2)])
@@ -48,9 +49,35 @@ def test_labels_change_the_output_of_a_conditional_model():
         torch.nn.init.normal_(parameter, std=0.1)
     x, t = torch.randn(1, 1, 28, 28).repeat(2, 1, 1, 1), torch.tensor([10, 10])
     out = model(x, t, torch.tensor([3, 10]))
-    assert not torch.allclose(out[0], out[1])
+    assert (out[0] - out[1]).abs().mean() > 0.01 * out.abs().mean()
     # no labels means the null label
     torch.testing.assert_close(model(x[:1], t[:1]), out[1:])
+
+
+@pytest.mark.parametrize("width", [8, 32, 64])
+def test_every_residual_block_sees_the_embedding(width):
+    """With scale_shift_norm the embedding (t and label) moves a block's output at every width, also
+    where GroupNorm has one channel per group (widths up to 32); added before that norm, as in
+    checkpoints written before scale_shift_norm, it is subtracted again there."""
+    torch.manual_seed(0)
+    x, embeddings = torch.randn(1, width, 7, 7).repeat(2, 1, 1, 1), torch.randn(2, 32)
+    for scale_shift_norm in (True, False):
+        block = ResidualBlock(width, width, 32, dropout=0.0, scale_shift_norm=scale_shift_norm)
+        torch.nn.init.normal_(block.out_layers[-1].weight, std=0.1)  # undo the zero init
+        out = block(x, embeddings)
+        moved = (out[0] - out[1]).abs().mean() / out.abs().mean()
+        if scale_shift_norm or width > 32:
+            assert moved > 0.01
+        else:
+            assert moved < 1e-5
+
+
+def test_checkpoints_without_scale_shift_norm_build_the_legacy_unet():
+    config = {"model": {"model_channels": 8, "channel_mult": [1, 2], "attention_resolutions": []}}
+    assert not build_model(config).middle_block_in.scale_shift_norm
+    assert build_model(
+        {"model": config["model"] | {"scale_shift_norm": True}}
+    ).middle_block_in.scale_shift_norm
 
 
 def test_timestep_embedding_is_sinusoidal():

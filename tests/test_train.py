@@ -22,14 +22,13 @@ from conftest import TINY_UNET_FLAGS
 
 from checkpointing import CHECKPOINT_VERSION, load_checkpoint, load_for_inference, save_checkpoint
 from cli import run_cli
-from data_sources import load_images, write_idx
 from diffusion import GaussianDiffusion
 from train_MNIST import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_IMAGES = 48
 TINY_RUN = [*TINY_UNET_FLAGS, "--T", "20", "--batch-size", "16", "--warmup-steps", "2", "--log-every", "1"]
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN_STEPS = 24  # the torchrun runs' length: room for a SIGTERM after step 2 to land before the end
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,17 +38,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    """The first 48 MNIST-5k training digits and labels as IDX files (3 batches of 16)."""
-    images, labels = load_images("mnist-5k", "train")
-    folder = tmp_path_factory.mktemp("tiny_idx")
-    pixels = ((images[:TINY_IMAGES, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
-    write_idx(folder / "train-images-idx3-ubyte", pixels)
-    write_idx(folder / "train-labels-idx1-ubyte", labels[:TINY_IMAGES].numpy().astype(np.uint8))
-    return folder
 
 
 def tiny_argv(data: Path, out_dir: Path, *extra: str) -> list[str]:
@@ -78,7 +66,7 @@ def logged_steps(out_dir: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(log_file)]
 
 
-def test_resume_mid_epoch_is_bit_exact(tiny_data, tmp_path):
+def test_resume_mid_epoch_is_bit_exact(tiny_train_data, tmp_path):
     """6 steps (2 epochs) straight == 3 steps (an epoch end, as after kill -9) + resume + 1 step
     (stopped after batch 1 of epoch 2) + resume + 2 steps.
 
@@ -86,13 +74,13 @@ def test_resume_mid_epoch_is_bit_exact(tiny_data, tmp_path):
     from the RNG; the data order of epoch 2 must also be the same after the resume.
     """
     flags = ["--epochs", "2", "--class-cond", "--dropout", "0.1"]
-    main(tiny_argv(tiny_data, tmp_path / "straight", *flags))
+    main(tiny_argv(tiny_train_data, tmp_path / "straight", *flags))
     for max_steps, position in (("3", (3, 1, 0)), ("4", (4, 1, 1))):
         resume = ["--resume", "latest"] if max_steps == "4" else []
-        main(tiny_argv(tiny_data, tmp_path / "split", *flags, "--max-steps", max_steps, *resume))
+        main(tiny_argv(tiny_train_data, tmp_path / "split", *flags, "--max-steps", max_steps, *resume))
         stopped = load_checkpoint(tmp_path / "split" / "last.pt")
         assert (stopped["step"], stopped["epoch"], stopped["batch_in_epoch"]) == position
-    main(tiny_argv(tiny_data, tmp_path / "split", *flags, "--resume", "latest"))
+    main(tiny_argv(tiny_train_data, tmp_path / "split", *flags, "--resume", "latest"))
 
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "split" / "last.pt")
@@ -105,16 +93,22 @@ def test_resume_mid_epoch_is_bit_exact(tiny_data, tmp_path):
     assert not (tmp_path / "split" / "samples_epoch_01.png").exists()  # --sample-every 5
 
 
-def test_checkpoint_loads_for_inference(tiny_data, tmp_path):
-    """The checkpoint rebuilds the U-Net (EMA weights, 10 classes) and the diffusion without flags."""
-    main(tiny_argv(tiny_data, tmp_path, "--max-steps", "1", "--class-cond", "--prediction", "v"))
+def test_checkpoint_loads_for_inference(tiny_train_data, tmp_path):
+    """The checkpoint rebuilds the U-Net (EMA weights, 10 classes) and the diffusion without flags;
+    after 3 steps with a short EMA the EMA and the raw weights differ, and load_for_inference takes the
+    EMA ones (the raw ones with use_ema=False)."""
+    flags = ["--max-steps", "3", "--class-cond", "--prediction", "v", "--ema-decay", "0.5"]
+    main(tiny_argv(tiny_train_data, tmp_path, *flags))
     model, diffusion, checkpoint = load_for_inference(tmp_path / "last.pt", torch.device("cpu"))
     assert checkpoint["version"] == CHECKPOINT_VERSION
-    assert checkpoint["config"]["train"]["training"]["max_steps"] == 1
+    assert checkpoint["config"]["train"]["training"]["max_steps"] == 3
     assert checkpoint["config"]["image_shape"] == [1, 28, 28]
     assert (model.num_classes, model.model_channels) == (10, 8)
     assert (diffusion.T, diffusion.prediction) == (20, "v")
     assert_same_weights(model.state_dict(), checkpoint["ema"])
+    assert not torch.equal(checkpoint["ema"]["input_conv.weight"], checkpoint["model"]["input_conv.weight"])
+    raw, _, _ = load_for_inference(tmp_path / "last.pt", torch.device("cpu"), use_ema=False)
+    assert_same_weights(raw.state_dict(), checkpoint["model"])
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_bit_exact(tmp_path):
@@ -141,9 +135,9 @@ def test_sigterm_mid_epoch_saves_and_resumes_bit_exact(tmp_path):
     assert_same_training_state(load_checkpoint(tmp_path / "straight" / "last.pt"), resumed)
 
 
-def test_interrupted_save_keeps_previous_checkpoint(tiny_data, tmp_path, monkeypatch):
+def test_interrupted_save_keeps_previous_checkpoint(tiny_train_data, tmp_path, monkeypatch):
     """An interruption just before os.replace leaves the old last.pt, byte for byte, and no temp file."""
-    main(tiny_argv(tiny_data, tmp_path, "--max-steps", "2"))
+    main(tiny_argv(tiny_train_data, tmp_path, "--max-steps", "2"))
     before = (tmp_path / "last.pt").read_bytes()
 
     def interrupted_replace(source, destination):
@@ -151,20 +145,20 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_data, tmp_path, monkeyp
 
     monkeypatch.setattr(os, "replace", interrupted_replace)
     with pytest.raises(KeyboardInterrupt):
-        main(tiny_argv(tiny_data, tmp_path, "--max-steps", "4", "--resume", "latest"))
+        main(tiny_argv(tiny_train_data, tmp_path, "--max-steps", "4", "--resume", "latest"))
     assert (tmp_path / "last.pt").read_bytes() == before
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")) == []
 
 
-def test_ema_is_the_warm_up_average_and_excludes_the_schedule(tiny_data, tmp_path):
+def test_ema_is_the_warm_up_average_and_excludes_the_schedule(tiny_train_data, tmp_path):
     """With --ema-decay 0.2 the EMA after 3 steps is, by hand: e1 = p1 (first update copies),
     e2 = d1 e1 + (1 - d1) p2 with d1 = min(0.2, 2/11) = 2/11, e3 = d2 e2 + (1 - d2) p3 with
     d2 = min(0.2, 3/12) = 0.2. p1..p3 come from a run stopped and resumed after every step."""
     weights = []
     for step in (1, 2, 3):
         resume = ["--resume", "latest"] if step > 1 else []
-        main(tiny_argv(tiny_data, tmp_path, "--ema-decay", "0.2", "--max-steps", str(step), *resume))
+        main(tiny_argv(tiny_train_data, tmp_path, "--ema-decay", "0.2", "--max-steps", str(step), *resume))
         weights.append(load_checkpoint(tmp_path / "last.pt")["model"])
     checkpoint = load_checkpoint(tmp_path / "last.pt")
     assert checkpoint["ema_n_averaged"] == 3
@@ -180,7 +174,7 @@ def test_ema_is_the_warm_up_average_and_excludes_the_schedule(tiny_data, tmp_pat
 
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_last_checkpoint(
-    tiny_data, tmp_path, monkeypatch, capsys
+    tiny_train_data, tmp_path, monkeypatch, capsys
 ):
     """A NaN loss at step 4 stops the run with exit code 2 and one line naming step 4, although the
     log only syncs at steps 3 and 6. The epoch-1 checkpoints (step 3) stay; epoch 2 (step 6) is
@@ -193,7 +187,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_last_checkpoint(
         return loss * float("nan") if len(calls) == 4 else loss
 
     monkeypatch.setattr(GaussianDiffusion, "training_loss", loss_that_turns_nan)
-    argv = tiny_argv(tiny_data, tmp_path, "--epochs", "3", "--log-every", "3", "--save-every", "1")
+    argv = tiny_argv(tiny_train_data, tmp_path, "--epochs", "3", "--log-every", "3", "--save-every", "1")
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv))
     assert exit_info.value.code == 2
@@ -207,40 +201,102 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_last_checkpoint(
     assert logged_steps(tmp_path) == [3]
 
 
-def test_torchrun_two_cpu_processes(tmp_path):
-    """torchrun, gloo, 2 processes: the loss falls, both ranks end with identical weights (checked by
-    the trainer's SHA-256 comparison), rank 0 alone writes one checkpoint, and it loads for inference."""
-    command = [
+def torchrun_command(out_dir: Path, *extra: str) -> list[str]:
+    """2 CPU processes (gloo) of the tiny run on MNIST-5k (156 steps per epoch)."""
+    return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(REPO / "train_MNIST.py"), *TINY_RUN, "--data", "mnist-5k", "--device", "cpu",
-        "--lr", "2e-3", "--warmup-steps", "0", "--max-steps", "12", "--out-dir", str(tmp_path),
+        "--lr", "2e-3", "--warmup-steps", "0", "--out-dir", str(out_dir), *extra,
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def torchrun_straight(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out_dir = tmp_path_factory.mktemp("torchrun")
     result = subprocess.run(
-        command, cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300
-    )
+        torchrun_command(out_dir, "--max-steps", str(TORCHRUN_STEPS)),
+        cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return result, out_dir
+
+
+def test_torchrun_two_cpu_processes(torchrun_straight):
+    """torchrun, gloo, 2 processes: the loss falls, both ranks end with identical weights (checked by
+    the trainer's SHA-256 comparison), rank 0 alone writes one checkpoint, and it loads for inference."""
+    result, out_dir = torchrun_straight
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the 2 processes end with identical weights" in result.stdout
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "last.pt", "loss.png", "samples_step_000012.png", "train_log.csv"
+    assert sorted(path.name for path in out_dir.iterdir()) == [
+        "last.pt", "loss.png", f"samples_step_{TORCHRUN_STEPS:06d}.png", "train_log.csv"
     ]  # fmt: skip
-    with (tmp_path / "train_log.csv").open(newline="") as log_file:
+    with (out_dir / "train_log.csv").open(newline="") as log_file:
         losses = [float(row["loss"]) for row in csv.DictReader(log_file)]
-    assert len(losses) == 12 and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
-    model, _, checkpoint = load_for_inference(tmp_path / "last.pt", torch.device("cpu"))
-    assert checkpoint["step"] == 12 and not any(key.startswith("module.") for key in checkpoint["model"])
+    assert len(losses) == TORCHRUN_STEPS and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
+    model, _, checkpoint = load_for_inference(out_dir / "last.pt", torch.device("cpu"))
+    assert checkpoint["step"] == TORCHRUN_STEPS and not any(
+        key.startswith("module.") for key in checkpoint["model"]
+    )
     assert len(checkpoint["rng"]) == 2  # each rank's own random stream
     assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
 
 
+def worker_of_rank(agent: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=rank (Linux /proc)."""
+    for _ in range(600):
+        children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+        for pid in children:
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environment:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError("no torchrun worker found")
+
+
+def test_sigterm_to_one_rank_stops_both_and_resumes_bit_exact(torchrun_straight, tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop at the same step (a signal to any rank stops them all
+    within a step), rank 0 saves last.pt once; resuming it with torchrun to the end is bit-identical
+    to the straight run."""
+    out_dir = tmp_path / "interrupted"
+    agent = subprocess.Popen(
+        torchrun_command(out_dir, "--max-steps", str(TORCHRUN_STEPS)),
+        cwd=REPO, env=ONE_THREAD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    rank_1 = worker_of_rank(agent, 1)
+    deadline = time.monotonic() + 120
+    while not ((out_dir / "train_log.csv").is_file() and len(logged_steps(out_dir)) >= 2):
+        assert agent.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    os.kill(rank_1, signal.SIGTERM)
+    stdout, stderr = agent.communicate(timeout=120)
+    assert agent.returncode != 0  # both workers exit with 143
+    saved = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert len(saved) == 1 and "saved" in saved[0], stdout + stderr[-2000:]
+    stopped = load_checkpoint(out_dir / "last.pt")
+    assert 2 <= stopped["step"] < TORCHRUN_STEPS and f"at step {stopped['step']} " in saved[0]
+    assert sorted(path.name for path in out_dir.iterdir()) == ["last.pt", "loss.png", "train_log.csv"]
+
+    resumed = subprocess.run(
+        torchrun_command(out_dir, "--max-steps", str(TORCHRUN_STEPS), "--resume", "latest"),
+        cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = load_checkpoint(torchrun_straight[1] / "last.pt")
+    final = load_checkpoint(out_dir / "last.pt")
+    assert_same_training_state(straight, final)
+    assert torch.equal(straight["rng"][1]["torch"], final["rng"][1]["torch"])
+
+
 @pytest.fixture(scope="module")
-def finished_run(tiny_data, tmp_path_factory) -> Path:
+def finished_run(tiny_train_data, tmp_path_factory) -> Path:
     """The folder of a 1-step tiny run: last.pt and its log."""
     out_dir = tmp_path_factory.mktemp("finished")
-    main(tiny_argv(tiny_data, out_dir, "--max-steps", "1"))
+    main(tiny_argv(tiny_train_data, out_dir, "--max-steps", "1"))
     return out_dir
 
 
-def bad_input_cases(tiny_data: Path, finished_run: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+def bad_input_cases(
+    tiny_train_data: Path, finished_run: Path, tmp_path: Path
+) -> dict[str, tuple[list[str], str]]:
     """name -> (argv, what the one-line error must say)."""
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((finished_run / "last.pt").read_bytes()[:1000])
@@ -249,18 +305,18 @@ def bad_input_cases(tiny_data: Path, finished_run: Path, tmp_path: Path) -> dict
     save_checkpoint({key: checkpoint[key] for key in ("version", "config", "model", "ema")}, weights_only)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    fresh = tiny_argv(tiny_data, tmp_path / "fresh")
+    fresh = tiny_argv(tiny_train_data, tmp_path / "fresh")
     return {
         "zero epochs": ([*fresh, "--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
         "negative batch": ([*fresh, "--batch-size", "-8"], "argument --batch-size: must be a positive"),
         "zero lr": ([*fresh, "--lr", "0"], "argument --lr: must be a positive number, got 0"),
-        "T below 2": ([*fresh, "--T", "1"], "argument --T: must be at least 2, got 1"),
+        "T below 2": ([*fresh, "--T", "1"], "argument --T: must be an integer in [2, 100000], got 1"),
         "unknown data": ([*fresh, "--data", "imagenet"], "argument --data: invalid choice: 'imagenet'"),
         "compile mode alone": (
             [*fresh, "--compile-mode", "reduce-overhead"],
             "reduce-overhead needs --compile",
         ),
-        "unwritable out-dir": (tiny_argv(tiny_data, a_file), f"cannot create output folder {a_file}"),
+        "unwritable out-dir": (tiny_argv(tiny_train_data, a_file), f"cannot create output folder {a_file}"),
         "missing resume": ([*fresh, "--resume", str(tmp_path / "nope.pt")], "no checkpoint file at"),
         "corrupt resume": ([*fresh, "--resume", str(corrupt)], "is not a readable checkpoint"),
         "other architecture": (
@@ -268,9 +324,12 @@ def bad_input_cases(tiny_data: Path, finished_run: Path, tmp_path: Path) -> dict
             "is another setup (model_channels 8 there, 16 here): resume it with its own flags",
         ),
         "no training state": ([*fresh, "--resume", str(weights_only)], "can be evaluated but not resumed"),
-        "run already there": (tiny_argv(tiny_data, finished_run), "exists: continue that run with --resume"),
+        "run already there": (
+            tiny_argv(tiny_train_data, finished_run),
+            "exists: continue that run with --resume",
+        ),
         "resume into another run": (
-            [*tiny_argv(tiny_data, finished_run), "--resume", str(weights_only)],
+            [*tiny_argv(tiny_train_data, finished_run), "--resume", str(weights_only)],
             "exists: continue that run with --resume",
         ),
     }
@@ -284,8 +343,8 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_gives_one_line_and_exit_code_2(case, tiny_data, finished_run, tmp_path, capsys):
-    argv, message = bad_input_cases(tiny_data, finished_run, tmp_path)[case]
+def test_bad_input_gives_one_line_and_exit_code_2(case, tiny_train_data, finished_run, tmp_path, capsys):
+    argv, message = bad_input_cases(tiny_train_data, finished_run, tmp_path)[case]
     log_before = (finished_run / "train_log.csv").read_bytes()
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -296,14 +355,16 @@ def test_bad_input_gives_one_line_and_exit_code_2(case, tiny_data, finished_run,
     assert (finished_run / "train_log.csv").read_bytes() == log_before  # nothing of the old run touched
 
 
-def test_compile_without_a_cpp_compiler_runs_eager_after_one_line(tiny_data, tmp_path, capsys, monkeypatch):
+def test_compile_without_a_cpp_compiler_runs_eager_after_one_line(
+    tiny_train_data, tmp_path, capsys, monkeypatch
+):
     """On a CPU, torch.compile needs a C++ compiler; without one, --compile on says so in one line
     and the run goes on eager to its checkpoint."""
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
     capsys.readouterr()
-    main([*tiny_argv(tiny_data, tmp_path / "run", "--max-steps", "1"), "--compile", "on"])
+    main([*tiny_argv(tiny_train_data, tmp_path / "run", "--max-steps", "1"), "--compile", "on"])
     lines = [line for line in capsys.readouterr().out.splitlines() if "C++ compiler" in line]
     assert len(lines) == 1 and "running eager" in lines[0]
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 1
