@@ -31,6 +31,7 @@ from cli import run_cli
 from settings import (
     DataSettings,
     EvaluationSettings,
+    GuidedSamplingSettings,
     RuntimeSettings,
     SamplingSettings,
     TrainingJob,
@@ -60,6 +61,7 @@ GENERIC_VALUES = [
 HUGE_VALUES = ["999999999999", "1e308", "99999999999999999999999"]
 WORK_FLAGS = {  # the amount of work (samples, images, epochs of CAS) or compiling: never huge, never "on"
     "--num-samples", "--num-recon", "--num-images", "--cas-epochs", "--compile", "--compile-mode",
+    "--repeats", "--num-nll",
 }  # fmt: skip
 FLAG_VALUES = {
     "--device": ["cpu", "cuda", "cuda:1", "cpu:0", "meta", "mps"],
@@ -79,7 +81,7 @@ def script_flags(*parts) -> list[argparse.Action]:
 SCRIPTS = {
     "train": script_flags(TrainingJob),
     "eval": script_flags(EvaluationSettings, SamplingSettings, DataSettings, RuntimeSettings),
-    "vizu": script_flags(VisualisationSettings, SamplingSettings, DataSettings),
+    "vizu": script_flags(VisualisationSettings, GuidedSamplingSettings, DataSettings),
 }
 
 
@@ -123,7 +125,8 @@ def base_argv(script: str, case_dir: Path, tiny_data: Path, tiny_checkpoint: Pat
     common = ["--checkpoint", str(tiny_checkpoint), "--steps", "2", "--sampler", "ddim", "--data", "mnist-5k"]
     if script == "eval":
         return [*common, "--num-samples", "2", "--batch-size", "2", "--metrics", "recon", "--num-recon", "2",
-                "--recon-t", "5", "--device", "cpu", "--json", str(case_dir / "r.json")]  # fmt: skip
+                "--recon-t", "5", "--num-nll", "2", "--device", "cpu",
+                "--json", str(case_dir / "r.json")]  # fmt: skip
     return [*common, "--t", "5", "--num-images", "1", "--gif-frames", "2", "--strip-steps", "2",
             "--out-dir", str(case_dir / "vizu"), "--device", "cpu"]  # fmt: skip
 
