@@ -243,7 +243,7 @@ class GuidedSamplingSettings(SamplingSettings):
 
     def at(self, guidance: float) -> SamplingSettings:
         """The plain sampling settings with one guidance scale."""
-        return SamplingSettings(self.sampler, self.steps, self.eta, guidance)
+        return SamplingSettings(sampler=self.sampler, steps=self.steps, eta=self.eta, guidance=guidance)
 
 
 @dataclass(frozen=True)

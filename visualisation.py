@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
-from classifier import ensure_classifier, load_classifier
+from classifier import data_label, default_classifier_path, load_classifier
 from data_sources import load_images, shape_options, spread_over_classes
 from diffusion import GaussianDiffusion
-from messages import UserError
+from messages import UserError, note
 from output_files import writable_dir, write_csv
 from pictures import (
     save_change_curve,
@@ -105,11 +105,18 @@ def write_metrics_csv(trajectory: Trajectory, path: Path, image_ids: list[int]) 
 def commitment_judge(
     settings: VisualisationSettings, data: DataSettings, config: dict, device: torch.device
 ) -> nn.Module | None:
-    """The classifier that says which digit x0-hat is (the shipped one for MNIST), unless --no-commitment."""
+    """The classifier that says which digit x0-hat is (the shipped one for MNIST, or one made before
+    by mnist_classifier.py or eval_MNIST.py), unless --no-commitment; None, with a note, if none."""
     if not settings.commitment:
         return None
     name, data_dir = data_of(data, config)
-    path = ensure_classifier(name, data_dir, None, device, tuple(image_shape(config)))
+    path = default_classifier_path(name, data_dir, tuple(image_shape(config)))
+    if not path.is_file():
+        note(
+            f"commitment skipped: no classifier for {data_label(name, data_dir)} at {path} "
+            f"(make one with `python mnist_classifier.py --data {name}`)"
+        )
+        return None
     return load_classifier(path, device)[0]
 
 

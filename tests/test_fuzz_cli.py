@@ -3,10 +3,10 @@ run in-process; every one works or ends with exactly one `error:` line and statu
 
 Each case starts from a tiny valid command (8-channel U-Net, T = 20, one step, 48 training digits; the
 session's tiny checkpoint with 2 samples and 2 reconstructions, vizu without the commitment
-classifier) and appends 1 to 3 flags drawn from
-every flag of the script, each with a value drawn from: its default, its choices and a wrong one,
-zero, negative, tiny, huge, NaN, inf, empty, a wrong type, lists, and paths that are missing, a file
-where a folder is expected and a folder where a file is. A flag whose value is the amount of work
+classifier) and appends 1 to 3 flags drawn from every flag of the script, each with a value drawn
+from: its default, its choices and a wrong one, zero, negative, tiny, huge, NaN, inf, empty, a wrong
+type, lists, and paths that are missing, a file where a folder is expected and a folder where a file
+is. A flag whose value is the amount of work
 (samples, repeats, images, NLL images, CAS epochs, the metrics) or that compiles is not given huge,
 default or compiling values: those run long on purpose, they are not faults. The sample grids and
 the loss plot of train runs are skipped (the trainer's own tests check them), and the data splits
@@ -32,6 +32,7 @@ from cli import run_cli
 from settings import (
     DataSettings,
     EvaluationSettings,
+    GuidedSamplingSettings,
     RuntimeSettings,
     SamplingSettings,
     TrainingJob,
@@ -82,7 +83,7 @@ SCRIPTS = {  # the flags each script adds (train_MNIST.py, eval_MNIST.parse_args
     "train": script_flags(TrainingJob.add_flags),
     "eval": script_flags(EvaluationSettings.add_flags, SamplingSettings.add_flags,
                          DataSettings.add_checkpoint_flags, RuntimeSettings.add_flags),
-    "vizu": script_flags(VisualisationSettings.add_flags, SamplingSettings.add_flags,
+    "vizu": script_flags(VisualisationSettings.add_flags, GuidedSamplingSettings.add_flags,
                          DataSettings.add_checkpoint_flags),
 }  # fmt: skip
 DEFAULT_SHARE = 0.3  # the part of the drawn values that are the flag's default: runs that work

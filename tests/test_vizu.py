@@ -75,7 +75,8 @@ def test_reconstruction_writes_every_file(tiny_checkpoint, tmp_path, mnist_5k_te
 
 
 def test_ddpm_gif_keeps_at_most_gif_frames(tiny_checkpoint, tmp_path):
-    run_vizu(tiny_checkpoint, tmp_path, "--num-images 2 --t 12 --gif-frames 5")
+    run_vizu(tiny_checkpoint, tmp_path, "--num-images 2 --t 12 --gif-frames 5 --no-commitment")
+    assert not (tmp_path / "commitment.csv").exists()
     assert len(read_csv(tmp_path / "metrics.csv")) == 2 * (12 + 1 + 1)  # DDPM: every step, then finished
     assert gif_frame_count(tmp_path / "reverse.gif") == 5
 
