@@ -158,12 +158,26 @@ def int_tuple_between(low: int, high: int) -> Callable[[str], tuple[int, ...]]:
     return parse
 
 
-def positive_float_tuple(text: str) -> tuple[float, ...]:
-    """argparse type: one or more comma-separated finite floats > 0, e.g. '1,2,4'."""
+def float_tuple(text: str) -> tuple[float, ...]:
+    """Comma-separated finite floats, e.g. '1,2,4'; () for anything else."""
     try:
         values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        values = ()
-    if not values or not all(value > 0 and math.isfinite(value) for value in values):
+        return ()
+    return values if all(math.isfinite(value) for value in values) else ()
+
+
+def positive_float_tuple(text: str) -> tuple[float, ...]:
+    """argparse type: one or more comma-separated finite floats > 0, e.g. '1,2,4'."""
+    values = float_tuple(text)
+    if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
+    return values
+
+
+def non_negative_float_tuple(text: str) -> tuple[float, ...]:
+    """argparse type: one or more comma-separated finite floats >= 0, e.g. '0,1,2,4'."""
+    values = float_tuple(text)
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}")
     return values

@@ -74,6 +74,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 LUMA_PER_MILLE = (299, 587, 114)  # ITU-R 601-2 luma: grey = 0.299 R + 0.587 G + 0.114 B
 READ_THREADS = min(8, os.cpu_count() or 1)  # PIL decodes with the GIL released
+FLOAT32_BYTES = 4  # the images as the model sees them (load_images)
 
 
 class DataUnavailableError(UserError):
@@ -331,12 +332,23 @@ def read_pictures(paths: list[Path], size: tuple[int, int] | None, channels: int
     first = read_picture(paths[0], size)
     size = first[0].shape[:2]
     check_side(size, paths[0])
+    check_fits_in_memory(len(paths) * size[0] * size[1] * 3 * FLOAT32_BYTES, f"{len(paths)} images of {size}")
     with ThreadPoolExecutor(READ_THREADS) as pool:
         read = [first, *pool.map(lambda path: read_picture(path, size), paths[1:])]
     pixels = torch.from_numpy(np.stack([array for array, _ in read])).permute(0, 3, 1, 2).contiguous()
     if channels is None:
         channels = 1 if all(mode in GREY_MODES for _, mode in read) else 3
     return to_channels(pixels, channels)
+
+
+def check_fits_in_memory(needed_bytes: int, what: str) -> None:
+    """A one-line error, not an allocation failure or the OOM killer, for data larger than the RAM."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed_bytes > memory:
+        raise DataUnavailableError(
+            f"{what} need {needed_bytes / 2**30:.0f} GiB as float32, this machine has {memory / 2**30:.0f}: "
+            "pass a smaller --image-size"
+        )
 
 
 def is_image_file(path: Path) -> bool:
@@ -505,6 +517,8 @@ def data_kind(name: str, data_dir: str | Path | None) -> str:
         if name not in DATA_SETS:
             raise DataUnavailableError(f"unknown data set {name!r}: choose one of {', '.join(DATA_SETS)}")
         return name
+    if not str(data_dir).strip():
+        raise DataUnavailableError("--data-dir is empty: name a folder")
     directory = Path(data_dir)
     if not directory.is_dir():
         raise DataUnavailableError(f"--data-dir {directory} is not a folder")

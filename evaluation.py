@@ -311,7 +311,8 @@ def evaluate_model(
             if repeat == 0:
                 pairs = copies.closest_pairs(samples, real.train_images)
                 save_image_grid(pairs, paths.closest_png, columns=len(pairs) // 2)
-            nearest_rows += copies.rows(repeat)[0 if repeat == 0 else 1 :]
+            rows = copies.rows(repeat)
+            nearest_rows += rows[1:] if nearest_rows else rows  # one header line
     if nearest_rows:
         write_csv(nearest_rows, paths.nearest_csv)
     metrics = summarise_repeats(per_repeat)
@@ -496,12 +497,14 @@ def format_cell(metrics: dict | None, key: str) -> str:
     return f"{metrics[name]:.4g} ± {metrics[key + '_std']:.3g}"
 
 
-def spread_note(metrics: dict[str, Any], repeats: int) -> str:
-    """What the table's ± means."""
-    if repeats > 1:
-        return f"±: standard deviation over {repeats} sample sets (seeds) and {repeats} floor subsets"
-    generated = next(iter(metrics.values()))
-    return f"±: IS over splits, KID over random subsets of {generated['kid_subset_size']} images"
+def spread_note(first_column: dict[str, Any], repeats: int, ceiling: bool) -> str:
+    """What the table's ± means (first_column: the first column's metrics per extractor)."""
+    values = next(iter(first_column.values()))
+    own = f"IS over splits, KID over random subsets of {values['kid_subset_size']} images"
+    if repeats == 1:
+        return f"±: {own}"
+    note_text = f"±: standard deviation over {repeats} sample sets (seeds) and {repeats} floor subsets"
+    return note_text + (f"; the noise ceiling's: {own}" if ceiling else "")
 
 
 def fidelity_table(metrics: dict[str, Any], repeats: int = 1) -> list[str]:
@@ -516,7 +519,7 @@ def fidelity_table(metrics: dict[str, Any], repeats: int = 1) -> list[str]:
         for key, title in rows:
             cells = [format_cell(values.get(label), key) for values in columns.values()]
             lines.append(f"{label + ' ' + title:<22}" + "".join(f"{cell:>22}" for cell in cells))
-    return [*lines, spread_note(next(iter(columns.values())), repeats)]
+    return [*lines, spread_note(next(iter(columns.values())), repeats, "ceiling" in columns)]
 
 
 def memorisation_lines(memorisation: dict[str, Any]) -> list[str]:

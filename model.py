@@ -220,20 +220,16 @@ class UNet(nn.Module):
         resolutions = [image_size]
         for _ in widths[1:]:
             resolutions.append((resolutions[-1] + 1) // 2)
+
+        def make_level(inputs: list[int], width: int, level: int) -> Level:
+            attention = resolutions[level] in attention_resolutions
+            return Level(inputs, width, embedding_dim, dropout, attention, scale_shift_norm)
+
         skip_channels, channels = [model_channels], model_channels
         self.down_levels, self.downsamples = nn.ModuleList(), nn.ModuleList()
         for level, width in enumerate(widths):
             inputs = [channels] + [width] * (num_res_blocks - 1)
-            self.down_levels.append(
-                Level(
-                    inputs,
-                    width,
-                    embedding_dim,
-                    dropout,
-                    resolutions[level] in attention_resolutions,
-                    scale_shift_norm,
-                )
-            )
+            self.down_levels.append(make_level(inputs, width, level))
             channels = width
             skip_channels += [width] * num_res_blocks
             if level < len(widths) - 1:
@@ -251,16 +247,7 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks + 1):
                 inputs.append(channels + skip_channels.pop())
                 channels = width
-            self.up_levels.append(
-                Level(
-                    inputs,
-                    width,
-                    embedding_dim,
-                    dropout,
-                    resolutions[level] in attention_resolutions,
-                    scale_shift_norm,
-                )
-            )
+            self.up_levels.append(make_level(inputs, width, level))
             if level > 0:
                 self.upsamples.append(Upsample(channels))
 

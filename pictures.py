@@ -226,3 +226,32 @@ def save_training_curves(rows: list[dict], path: Path) -> None:
     figure.suptitle("metrics over training", fontsize=10)
     figure.tight_layout()
     save_figure(figure, path, dpi=90)
+
+
+# ----- when the digit is decided (vizu_MNIST.py) --------------------------------------------------
+
+LEGEND_MAX_IMAGES = 10
+
+
+def save_commitment_plot(trajectory, decided_t: np.ndarray, path: Path, title: str) -> None:
+    """Left: the classifier's probability of the final class for x0-hat against t, one line per image;
+    right: a histogram of the t at which each image's predicted class stops changing."""
+    t = np.array(trajectory.timesteps)
+    probability, final_class = trajectory.metrics["p_final_class"], trajectory.metrics["predicted_class"][-1]
+    figure = Figure(figsize=(11, 3.8))
+    left, right = figure.subplots(1, 2)
+    few = probability.shape[1] <= LEGEND_MAX_IMAGES
+    for image in range(probability.shape[1]):
+        label = f"image {image} (class {final_class[image]})" if few else None
+        left.plot(t, probability[:, image], alpha=0.8 if few else 0.25, linewidth=1, label=label)
+    left.plot(t, probability.mean(1), color="black", linewidth=2, label=f"mean of {probability.shape[1]}")
+    left.set(ylabel="classifier's P(final class | x̂0)", ylim=(-0.02, 1.02))
+    style_reverse_axis(left)
+    left.legend(fontsize=7)
+    right.hist(decided_t, bins=min(20, max(1, len(set(decided_t.tolist())))), color="tab:purple")
+    right.set(xlabel="t at which the predicted class stops changing", ylabel="images")
+    right.invert_xaxis()
+    right.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    save_figure(figure, path, dpi=80)

@@ -34,6 +34,7 @@ from cli import (
     int_tuple,
     int_tuple_between,
     non_negative_float,
+    non_negative_float_tuple,
     non_negative_int,
     positive_float,
     positive_int,
@@ -148,9 +149,7 @@ class ModelSettings(Settings):
     dropout: float = setting(0.1, "dropout in the residual blocks, in [0, 1)", fraction)
     class_cond: bool = setting(False, "condition on the class labels (classifier-free guidance)")
     scale_shift_norm: bool = setting(
-        True,
-        "the embedding scales and shifts each block after its norm (Dhariwal & Nichol 2021); "
-        "--no-scale-shift-norm adds it before the norm, as Ho et al. 2020",
+        True, "t and the label scale and shift each block's second GroupNorm (AdaGN; off: added before it)"
     )
 
     def unet_config(self, in_channels: int, image_size: int) -> dict[str, Any]:
@@ -229,6 +228,22 @@ class SamplingSettings(Settings):
     guidance: float = setting(
         1.0, "classifier-free guidance scale (class-conditional models)", non_negative_float
     )
+
+
+@dataclass(frozen=True)
+class GuidedSamplingSettings(SamplingSettings):
+    """vizu_MNIST.py's sampling flags: --guidance may list several scales, each drawn in turn."""
+
+    guidance: tuple[float, ...] = setting(
+        (1.0,),
+        "classifier-free guidance scale(s) (class-conditional models); several (1,2,4) with --generate: "
+        "the same noise drawn with each",
+        non_negative_float_tuple,
+    )
+
+    def at(self, guidance: float) -> SamplingSettings:
+        """The plain sampling settings with one guidance scale."""
+        return SamplingSettings(sampler=self.sampler, steps=self.steps, eta=self.eta, guidance=guidance)
 
 
 @dataclass(frozen=True)
@@ -323,6 +338,10 @@ class VisualisationSettings(Settings):
         "with --generate, 0, 1, 2, ... in turn)",
         int,
     )
+    commitment: bool = setting(
+        True,
+        "the classifier's class of x0-hat at every step: commitment.png/.csv (when the digit is decided)",
+    )
     strip_steps: int = setting(10, "columns (steps) in strip.png", positive_int)
     gif_frames: int = setting(60, "most frames in reverse.gif", positive_int)
     out_dir: str = setting("step_outputs_mnist", "where images, CSVs and plots go")
@@ -353,7 +372,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_res_blocks": 2,
         "attn_resolutions": (16,),
         "dropout": 0.1,
-        "scale_shift_norm": False,
+        "scale_shift_norm": False,  # Ho et al.'s residual block adds the embedding
         "schedule": "linear",
         "prediction": "eps",
         "lr": 2e-4,
@@ -379,7 +398,7 @@ def presets_help() -> str:
 
 
 def _flag_text(key: str, value: Any) -> str:
-    """A preset's value as it would be typed: --key value, --key / --no-key for booleans."""
+    """One preset value as the flag that sets it: --hflip, --no-hflip, --channel-mult 1,2,2."""
     flag = key.replace("_", "-")
     if isinstance(value, bool):
         return f"--{flag}" if value else f"--no-{flag}"

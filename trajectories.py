@@ -1,9 +1,11 @@
 """Recording the reverse process: every step's x_t and predicted x0 of a sampler run, and their metrics.
 
 A `Trajectory` keeps what diffusion.py's samplers yield (SamplerStep: t, x_t, pred_x0) for B images
-over S steps, plus per-step metrics: how much x0-hat still changes (MSE to the previous step's) and,
-for reconstructions, the MSE and SSIM of x_t and of x0-hat against the originals ([0, 1] scale).
-vizu_MNIST.py draws them; the samplers' loop is never re-implemented here.
+over S steps, plus per-step metrics: how much x0-hat still changes (MSE to the previous step's),
+for reconstructions the MSE and SSIM of x_t and of x0-hat against the originals ([0, 1] scale), and
+with a classifier its predicted class of x0-hat at every step: when the digit is decided is the
+first step after which that class no longer changes. vizu_MNIST.py draws them; the samplers' loop
+is never re-implemented here.
 
 Example:
     trajectory = reconstruction_trajectory(model, diffusion, originals, 500, SamplingSettings("ddpm"))
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from classifier import class_probabilities
 from diffusion import GaussianDiffusion, SamplerStep
 from image_metrics import mse, ssim
 from settings import SamplingSettings
@@ -124,3 +127,29 @@ def generation_trajectory(
         image_shape=image_shape,
     )
     return record_steps(sampler_steps, None, total)
+
+
+# ----- when the digit is decided ------------------------------------------------------------------
+
+
+def add_class_probabilities(trajectory: Trajectory, classifier: nn.Module) -> None:
+    """The classifier's class probabilities of x0-hat at every step, as two [S, B] metrics:
+    "predicted_class" (the most probable class) and "p_final_class" (the probability of the class
+    the finished image is given, the last step's prediction)."""
+    steps, batch = trajectory.pred_x0.shape[:2]
+    probabilities = class_probabilities(classifier, trajectory.pred_x0.flatten(0, 1)).reshape(
+        steps, batch, -1
+    )
+    final_class = probabilities[-1].argmax(dim=1)  # [B]
+    trajectory.metrics["predicted_class"] = probabilities.argmax(dim=2).numpy()
+    trajectory.metrics["p_final_class"] = probabilities[:, torch.arange(batch), final_class].numpy()
+
+
+def decision_steps(trajectory: Trajectory) -> np.ndarray:
+    """Per image [B], the first step index from which x0-hat's predicted class never changes again
+    (0: decided from the start); needs add_class_probabilities."""
+    predicted = trajectory.metrics["predicted_class"]
+    differs = predicted != predicted[-1]  # [S, B]; never at the last step
+    steps = len(predicted)
+    last_difference = steps - 1 - np.argmax(differs[::-1], axis=0)  # where differs is all False: steps - 1
+    return np.where(differs.any(axis=0), last_difference + 1, 0)

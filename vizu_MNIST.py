@@ -10,7 +10,10 @@ of x_t and of the predicted x0 against the original ([0, 1] scale, skimage SSIM 
 Files written to --out-dir:
   reconstruction  original.png noised.png denoised.png strip.png curves.png metrics.csv reverse.gif
   --t-sweep       t_sweep.csv t_sweep.png (and a table on the terminal)
-  --generate      generated.png strip.png curves.png metrics.csv reverse.gif
+  --generate      generated.png strip.png curves.png metrics.csv reverse.gif (several --guidance
+                  values: each file suffixed _guidance<g>)
+  and, unless --no-commitment, commitment.png commitment.csv: when the digit is decided (the
+  classifier's class of x0-hat at every step)
 strip.png has one row per image and one column per step (about --strip-steps of them); each cell shows
 x_t on top of the predicted x0. reverse.gif shows x_t (top row) and the predicted x0 (bottom row).
 
@@ -26,22 +29,26 @@ Examples:
     python vizu_MNIST.py --checkpoint checkpoints/last.pt --t 500 --sampler ddim --steps 50
     python vizu_MNIST.py --t-sweep --num-images 16 --sampler ddim --steps 100
     python vizu_MNIST.py --generate --num-images 8
+    python vizu_MNIST.py --generate --num-images 100 --sampler ddim --steps 50   # when digits are decided
+    python vizu_MNIST.py --checkpoint CONDITIONAL.pt --generate --guidance 1,2,4 --num-images 20
 """
 
 from __future__ import annotations
 
 from cli import OneLineErrorParser, run_cli
-from settings import DataSettings, SamplingSettings, VisualisationSettings
+from settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
 from visualisation import visualise
 
 
 def parse_args(argv: list[str] | None):
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     VisualisationSettings.add_flags(parser)
-    SamplingSettings.add_flags(parser, SamplingSettings(sampler="ddpm"))
+    GuidedSamplingSettings.add_flags(parser, GuidedSamplingSettings(sampler="ddpm"))
     DataSettings.add_checkpoint_flags(parser)
     args = parser.parse_args(argv)
-    return tuple(part.from_args(args) for part in (VisualisationSettings, SamplingSettings, DataSettings))
+    return tuple(
+        part.from_args(args) for part in (VisualisationSettings, GuidedSamplingSettings, DataSettings)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

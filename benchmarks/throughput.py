@@ -148,7 +148,11 @@ def build_networks(args: argparse.Namespace, ours_settings: ModelSettings) -> di
     builders = {
         "ours": lambda: ours,
         "ours-as-diffusers": lambda: UNet(
-            model_channels=c, num_res_blocks=args.reference_layers, attention_resolutions=(), dropout=0.0
+            model_channels=c,
+            num_res_blocks=args.reference_layers,
+            attention_resolutions=(),
+            dropout=0.0,
+            scale_shift_norm=False,  # diffusers' default resnet_time_scale_shift adds the embedding
         ),
         "diffusers": lambda: diffusers_unet(reference_setup, shape),
         "lucidrains": lambda: lucidrains_unet_matching(count_parameters(ours)),

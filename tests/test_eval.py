@@ -1,8 +1,9 @@
 """eval_MNIST.py and mnist_classifier.py on CPU, offline, with tens of samples from the tiny checkpoint.
 
 One evaluation run (module fixture) with a classifier trained for one epoch by mnist_classifier's
-own entry point, baselines, and an Inception weights file that does not exist, feeds the report
-tests; the torch-fidelity tests call feature_metrics' functions directly on 200 real images.
+own entry point, baselines, two repeats, memorisation, the NLL bound on 4 test images and an
+Inception weights file that does not exist, feeds the report tests; the torch-fidelity tests call
+feature_metrics' functions directly on 200 real images.
 """
 
 from __future__ import annotations

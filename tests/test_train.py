@@ -28,6 +28,7 @@ from train_MNIST import main
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = [*TINY_UNET_FLAGS, "--T", "20", "--batch-size", "16", "--warmup-steps", "2", "--log-every", "1"]
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN_STEPS = 24  # the torchrun runs' length: room for a SIGTERM after step 2 to land before the end
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -210,29 +211,31 @@ def torchrun_command(out_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def torchrun_12_steps(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+def torchrun_straight(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out_dir = tmp_path_factory.mktemp("torchrun")
     result = subprocess.run(
-        torchrun_command(out_dir, "--max-steps", "12"),
+        torchrun_command(out_dir, "--max-steps", str(TORCHRUN_STEPS)),
         cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     return result, out_dir
 
 
-def test_torchrun_two_cpu_processes(torchrun_12_steps):
+def test_torchrun_two_cpu_processes(torchrun_straight):
     """torchrun, gloo, 2 processes: the loss falls, both ranks end with identical weights (checked by
     the trainer's SHA-256 comparison), rank 0 alone writes one checkpoint, and it loads for inference."""
-    result, out_dir = torchrun_12_steps
+    result, out_dir = torchrun_straight
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the 2 processes end with identical weights" in result.stdout
     assert sorted(path.name for path in out_dir.iterdir()) == [
-        "last.pt", "loss.png", "samples_step_000012.png", "train_log.csv"
+        "last.pt", "loss.png", f"samples_step_{TORCHRUN_STEPS:06d}.png", "train_log.csv"
     ]  # fmt: skip
     with (out_dir / "train_log.csv").open(newline="") as log_file:
         losses = [float(row["loss"]) for row in csv.DictReader(log_file)]
-    assert len(losses) == 12 and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
+    assert len(losses) == TORCHRUN_STEPS and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
     model, _, checkpoint = load_for_inference(out_dir / "last.pt", torch.device("cpu"))
-    assert checkpoint["step"] == 12 and not any(key.startswith("module.") for key in checkpoint["model"])
+    assert checkpoint["step"] == TORCHRUN_STEPS and not any(
+        key.startswith("module.") for key in checkpoint["model"]
+    )
     assert len(checkpoint["rng"]) == 2  # each rank's own random stream
     assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
 
@@ -249,13 +252,13 @@ def worker_of_rank(agent: subprocess.Popen, rank: int) -> int:
     raise AssertionError("no torchrun worker found")
 
 
-def test_sigterm_to_one_rank_stops_both_and_resumes_bit_exact(torchrun_12_steps, tmp_path):
+def test_sigterm_to_one_rank_stops_both_and_resumes_bit_exact(torchrun_straight, tmp_path):
     """SIGTERM to rank 1 only: both ranks stop at the same step (a signal to any rank stops them all
-    within a step), rank 0 saves last.pt once; resuming it with torchrun to step 12 is bit-identical
-    to the 12 steps straight."""
+    within a step), rank 0 saves last.pt once; resuming it with torchrun to the end is bit-identical
+    to the straight run."""
     out_dir = tmp_path / "interrupted"
     agent = subprocess.Popen(
-        torchrun_command(out_dir, "--max-steps", "12"),
+        torchrun_command(out_dir, "--max-steps", str(TORCHRUN_STEPS)),
         cwd=REPO, env=ONE_THREAD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     rank_1 = worker_of_rank(agent, 1)
@@ -269,15 +272,15 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_bit_exact(torchrun_12_steps,
     saved = [line for line in stdout.splitlines() if line.startswith("stopped by SIGTERM")]
     assert len(saved) == 1 and "saved" in saved[0], stdout + stderr[-2000:]
     stopped = load_checkpoint(out_dir / "last.pt")
-    assert 2 <= stopped["step"] < 12 and f"at step {stopped['step']} " in saved[0]
+    assert 2 <= stopped["step"] < TORCHRUN_STEPS and f"at step {stopped['step']} " in saved[0]
     assert sorted(path.name for path in out_dir.iterdir()) == ["last.pt", "loss.png", "train_log.csv"]
 
     resumed = subprocess.run(
-        torchrun_command(out_dir, "--max-steps", "12", "--resume", "latest"),
+        torchrun_command(out_dir, "--max-steps", str(TORCHRUN_STEPS), "--resume", "latest"),
         cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = load_checkpoint(torchrun_12_steps[1] / "last.pt")
+    straight = load_checkpoint(torchrun_straight[1] / "last.pt")
     final = load_checkpoint(out_dir / "last.pt")
     assert_same_training_state(straight, final)
     assert torch.equal(straight["rng"][1]["torch"], final["rng"][1]["torch"])

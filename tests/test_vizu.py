@@ -24,7 +24,7 @@ from cli import run_cli
 from diffusion import GaussianDiffusion
 from messages import USER_ERROR_EXIT_CODE
 from settings import SamplingSettings
-from trajectories import reconstruction_trajectory
+from trajectories import Trajectory, decision_steps, reconstruction_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def gif_frame_count(path: Path) -> int:
         return gif.n_frames
 
 
-def test_reconstruction_writes_every_file(tiny_checkpoint, tmp_path):
+def test_reconstruction_writes_every_file(tiny_checkpoint, tmp_path, mnist_5k_test):
     # ddim from t = 30 in 8 evaluations: 30, 26, 21, 17, 13, 9, 4, 0, then the finished image (t = -1)
     run_vizu(tiny_checkpoint, tmp_path, "--index 0,5,7 --t 30 --sampler ddim --steps 8")
     for name in ("original.png", "noised.png", "denoised.png", "strip.png", "curves.png"):
@@ -62,14 +62,21 @@ def test_reconstruction_writes_every_file(tiny_checkpoint, tmp_path):
             assert picture.format == "PNG" and picture.width > 28
     rows = read_csv(tmp_path / "metrics.csv")
     assert len(rows) == 3 * (8 + 1)
-    assert list(rows[0]) == ["step", "t", "image", "x0_change", "mse_xt", "ssim_xt", "mse_x0", "ssim_x0"]
+    assert list(rows[0]) == [
+        "step", "t", "image", "x0_change", "mse_xt", "ssim_xt", "mse_x0", "ssim_x0", "predicted_class",
+        "p_final_class",
+    ]  # fmt: skip
+    decided = read_csv(tmp_path / "commitment.csv")
+    assert [int(row["image"]) for row in decided] == [0, 5, 7]
+    assert [int(row["label"]) for row in decided] == [int(label) for label in mnist_5k_test[1][[0, 5, 7]]]
     assert sorted({int(row["t"]) for row in rows}, reverse=True) == [30, 26, 21, 17, 13, 9, 4, 0, -1]
     assert {int(row["image"]) for row in rows} == {0, 5, 7}
     assert gif_frame_count(tmp_path / "reverse.gif") == 8 + 1
 
 
 def test_ddpm_gif_keeps_at_most_gif_frames(tiny_checkpoint, tmp_path):
-    run_vizu(tiny_checkpoint, tmp_path, "--num-images 2 --t 12 --gif-frames 5")
+    run_vizu(tiny_checkpoint, tmp_path, "--num-images 2 --t 12 --gif-frames 5 --no-commitment")
+    assert not (tmp_path / "commitment.csv").exists()
     assert len(read_csv(tmp_path / "metrics.csv")) == 2 * (12 + 1 + 1)  # DDPM: every step, then finished
     assert gif_frame_count(tmp_path / "reverse.gif") == 5
 
@@ -99,13 +106,35 @@ def test_t_sweep_table_csv_plot_and_small_t_beats_pure_noise(tiny_checkpoint, tm
 
 
 def test_generation_writes_every_file(tiny_checkpoint, tmp_path):
-    run_vizu(tiny_checkpoint, tmp_path, "--generate --num-images 2 --sampler ddim --steps 6")
+    run_vizu(tiny_checkpoint, tmp_path, "--generate --num-images 4 --sampler ddim --steps 6")
     for name in ("generated.png", "strip.png", "curves.png"):
         assert (tmp_path / name).stat().st_size > 0
     rows = read_csv(tmp_path / "metrics.csv")
-    assert len(rows) == 2 * (6 + 1) and list(rows[0]) == ["step", "t", "image", "x0_change"]
+    assert len(rows) == 4 * (6 + 1)
+    assert list(rows[0]) == ["step", "t", "image", "x0_change", "predicted_class", "p_final_class"]
     assert int(rows[0]["t"]) == 99 and int(rows[-1]["t"]) == -1
     assert gif_frame_count(tmp_path / "reverse.gif") == 6 + 1
+    assert (tmp_path / "commitment.png").stat().st_size > 0
+
+
+def test_decided_step_is_where_the_predicted_class_stops_changing(tiny_checkpoint, tmp_path):
+    """commitment.csv against metrics.csv: from decided_step on, x0-hat's class is the final one (with
+    the probability of the finished image's top class at the end); one step earlier it is not."""
+    run_vizu(tiny_checkpoint, tmp_path, "--generate --num-images 4 --sampler ddim --steps 6 --seed 3")
+    per_step = read_csv(tmp_path / "metrics.csv")
+    for row in read_csv(tmp_path / "commitment.csv"):
+        image, final, step = int(row["image"]), int(row["final_class"]), int(row["decided_step"])
+        classes = [int(r["predicted_class"]) for r in per_step if int(r["image"]) == image]
+        assert classes[-1] == final and all(c == final for c in classes[step:])
+        assert step == 0 or classes[step - 1] != final
+        assert int(row["decided_t"]) == [int(r["t"]) for r in per_step if int(r["image"]) == image][step]
+        assert row["label"] == ""  # unconditional: no label to compare with
+
+
+def test_decision_steps_on_hand_made_classes():
+    predicted = np.array([[1, 2, 3, 3], [1, 3, 3, 3], [2, 3, 3, 3], [2, 3, 4, 3]])  # [steps, images]
+    trajectory = Trajectory([3, 2, 1, -1], None, None, {"predicted_class": predicted})
+    assert decision_steps(trajectory).tolist() == [2, 1, 3, 0]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +164,26 @@ def test_class_conditional_generation_with_guidance(conditional_checkpoint, tmp_
     )
     assert len(read_csv(tmp_path / "metrics.csv")) == 2 * (4 + 1)
     assert gif_frame_count(tmp_path / "reverse.gif") == 4 + 1
+
+
+def test_guidance_list_generates_with_each_scale_and_scores_the_labels(
+    conditional_checkpoint, tmp_path, capsys
+):
+    run_vizu(
+        conditional_checkpoint, tmp_path, "--generate --num-images 4 --guidance 1,2 --sampler ddim --steps 3"
+    )
+    for guidance in ("1", "2"):
+        for name in ("generated", "commitment", "strip"):
+            assert (tmp_path / f"{name}_guidance{guidance}.png").stat().st_size > 0
+        assert len(read_csv(tmp_path / f"metrics_guidance{guidance}.csv")) == 4 * (3 + 1)
+    rows = read_csv(tmp_path / "commitment.csv")
+    assert [(row["guidance"], row["label"]) for row in rows] == [
+        (g, str(i)) for g in ("1.0", "2.0") for i in range(4)
+    ]
+    accuracies = [
+        line for line in capsys.readouterr().out.splitlines() if "classified as their label" in line
+    ]
+    assert len(accuracies) == 2
 
 
 class GaussianOptimalDenoiser(nn.Module):
@@ -213,6 +262,8 @@ def corrupt_checkpoint(tmp_path_factory) -> Path:
         ("--t 10 --index 1000", "outside the test split [0, 999]"),
         ("--t 10 --label 3", "need a class-conditional checkpoint"),
         ("--generate --t-sweep", "separate modes"),
+        ("--t 10 --guidance 1,2", "several --guidance values are for --generate"),
+        ("--generate --guidance=-1", "argument --guidance: expected comma-separated numbers >= 0"),
         ("--checkpoint {corrupt}", "not a readable checkpoint"),
         ("--checkpoint {missing}", "no checkpoint file"),
         ("--out-dir {blocked}", "cannot create output folder"),
