@@ -7,7 +7,7 @@ functions take these dataclasses (or plain keywords), never an argparse namespac
 
 Presets (`train_MNIST.py --preset NAME`) replace some defaults; flags given explicitly override them:
   gpu  (the default) the model and recipe of the full GPU run, 100 epochs of MNIST
-  cpu  the CPU recipe that reaches recognisable digits in 15 CPU-minutes on MNIST-5k: a 1.09M U-Net
+  cpu  the CPU recipe that reaches recognisable digits in 15 CPU-minutes on MNIST-5k: a 1.13M U-Net
        whose widths grow where the feature maps are small, v-prediction (Salimans & Ho 2022,
        arXiv:2202.00512), min-SNR-5 weights (Hang et al. 2023, arXiv:2303.09556), AdamW 2e-3,
        EMA 0.999, bf16 autocast

@@ -3,7 +3,7 @@
 Networks of (within 10%) the same parameter count run in one process, interleaved
 (A B C D A B C D ...), so that a noisy shared machine slows them alike:
   ours              this repo's UNet (model.py; Ho et al. 2020, arXiv:2006.11239) as set by the
-                    model flags (default: the cpu preset's 1.09M U-Net)
+                    model flags (default: the cpu preset's 1.13M U-Net)
   ours-as-diffusers this repo's UNet with exactly the diffusers block layout below
   diffusers         UNet2DModel with --reference-channels (c, 2c, 2c), --reference-layers per block
   lucidrains        denoising-diffusion-pytorch Unet(dim, dim_mults=(1, 2, 2)), dim matched to ours

@@ -2,7 +2,7 @@
 
 This repo's side is exactly `train_MNIST.py --preset cpu --data DATA --max-minutes M --clock C` (the
 trainer of trainer.py; the command is printed and recorded) followed by `eval_MNIST.py --metrics
-classifier --num-samples N` on its last.pt (evaluation.evaluate): a 1.09M U-Net whose widths grow
+classifier --num-samples N` on its last.pt (evaluation.evaluate): a 1.13M U-Net whose widths grow
 where the feature maps are small, v-prediction (Salimans & Ho 2022, arXiv:2202.00512), min-SNR-5
 (Hang et al. 2023, arXiv:2303.09556), batch 128, AdamW 2e-3 with a cosine decay that reaches 0 when
 the budget does, EMA 0.999 with warm-up, bf16 autocast; sampled with DDIM 50 steps (Song et al.
