@@ -49,6 +49,7 @@ CLOCKS = ("wall", "cpu")
 # Upper limits of the sizes, far above any useful value, so that a typo is one line, not an allocation
 # of terabytes: U-Net width, width multiplier per level, residual blocks per level, diffusion steps.
 MAX_MODEL_CHANNELS, MAX_CHANNEL_MULT, MAX_RES_BLOCKS, MAX_T = 1024, 16, 16, 100_000
+MAX_REPEATS = 1000  # eval's sample sets
 IMAGE_CHANNELS = (1, 3)
 
 
@@ -282,7 +283,9 @@ class EvaluationSettings(Settings):
     ema: bool = setting(True, "use the EMA weights")
     num_samples: int = setting(10000, "images to generate for FID/IS/KID/precision/recall/CAS", positive_int)
     repeats: int = setting(
-        1, "sample sets (seeds seed, seed+1, ...): each sample metric as mean ± std over them", positive_int
+        1,
+        "sample sets (seeds seed, seed+1, ...): each sample metric as mean ± std over them",
+        int_between(1, MAX_REPEATS),
     )
     batch_size: int = setting(250, "images per sampler / feature batch", positive_int)
     seed: int = setting(0, "seed of the sampling noise, image subsets and KID subsets", seed_number)
