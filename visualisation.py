@@ -102,6 +102,13 @@ def write_metrics_csv(trajectory: Trajectory, path: Path, image_ids: list[int]) 
     write_csv(rows, path)
 
 
+def classifier_flags(name: str, data_dir: str | None, shape: tuple[int, int, int]) -> str:
+    """mnist_classifier.py's flags for a classifier of this data at this image shape."""
+    channels, height, _ = shape
+    source = f"--data-dir {data_dir}" if data_dir else f"--data {name}"
+    return f"{source} --channels {channels} --image-size {height}"
+
+
 def commitment_judge(
     settings: VisualisationSettings, data: DataSettings, config: dict, device: torch.device
 ) -> nn.Module | None:
@@ -112,9 +119,10 @@ def commitment_judge(
     name, data_dir = data_of(data, config)
     path = default_classifier_path(name, data_dir, tuple(image_shape(config)))
     if not path.is_file():
+        flags = classifier_flags(name, data_dir, image_shape(config))
         note(
             f"commitment skipped: no classifier for {data_label(name, data_dir)} at {path} "
-            f"(make one with `python mnist_classifier.py --data {name}`)"
+            f"(make one with `python mnist_classifier.py {flags}`)"
         )
         return None
     return load_classifier(path, device)[0]
