@@ -62,7 +62,14 @@ from provenance import hardware, library_versions, sha256_of_file, sha256_of_ten
 from repeats import OVER_REPEATS, summarise_repeats
 from runtime import SpeedPlan, configure_fast_path, plan_speed, prepare_unet, resolve_device, seed_everything
 from sampling import check_sampling, generate_samples, reconstruction_sweep, sweep_timesteps
-from settings import METRICS, DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+from settings import (
+    METRICS,
+    SAMPLE_METRICS,
+    DataSettings,
+    EvaluationSettings,
+    RuntimeSettings,
+    SamplingSettings,
+)
 
 GRID_COLUMNS = 10
 GRID_ROWS_UNCONDITIONAL = 10
@@ -278,6 +285,11 @@ def sample_set_metrics(
     return metrics, copies
 
 
+def draws_samples(settings: EvaluationSettings) -> bool:
+    """Whether --metrics asks for anything measured on generated samples (not only reconstruction)."""
+    return bool(set(settings.metrics) & set(SAMPLE_METRICS))
+
+
 def evaluate_model(
     loaded: LoadedModel,
     settings: EvaluationSettings,
@@ -291,7 +303,7 @@ def evaluate_model(
     """--repeats sample sets (seeds seed, seed + 1, ...), each scored by sample_set_metrics and
     summarised as mean ± std; the first one's grid and closest pairs saved; then reconstruction."""
     per_repeat, nearest_rows = [], []
-    for repeat, seed in enumerate(repeat_seeds(settings)):
+    for repeat, seed in enumerate(repeat_seeds(settings) if draws_samples(settings) else []):
         samples, labels = generate_samples(
             loaded.network,
             loaded.diffusion,
@@ -315,7 +327,7 @@ def evaluate_model(
             nearest_rows += rows[1:] if nearest_rows else rows  # one header line
     if nearest_rows:
         write_csv(nearest_rows, paths.nearest_csv)
-    metrics = summarise_repeats(per_repeat)
+    metrics = summarise_repeats(per_repeat) if per_repeat else {}
     if "recon" in settings.metrics:
         metrics["reconstruction"] = reconstruction_scores(
             loaded, settings, sampling, plan, real, comparison.device
@@ -394,7 +406,7 @@ def sampling_provenance(loaded: LoadedModel, settings: EvaluationSettings, sampl
     T = loaded.diffusion.T
     return asdict(sampling) | {
         "steps": len(loaded.diffusion.timesteps(sampling.sampler, sampling.steps, T - 1)),
-        "num_samples": settings.num_samples,
+        "num_samples": settings.num_samples if draws_samples(settings) else 0,  # reconstruction only: none
         "seeds": repeat_seeds(settings),
         "batch_size": settings.batch_size,
         "amp": plan.amp,
@@ -416,8 +428,7 @@ def evaluate(
     configure_fast_path(device)
     seed_everything(settings.seed)
     loaded = None if settings.baselines_only else load_model(settings, sampling, plan, device)
-    trained_on = loaded.data if loaded is not None else ("mnist", None)
-    name, data_dir = data.data or trained_on[0], data.data_dir or (None if data.data else trained_on[1])
+    name, data_dir = data.source_or(loaded.data if loaded is not None else ("mnist", None))
     label = data_label(name, data_dir)
     stem = Path(loaded.provenance["path"]).stem if loaded is not None else f"baselines_{label}"
     paths = output_paths(settings, stem)
@@ -474,7 +485,9 @@ def evaluate(
             "command": command,
         },
         "metrics": metrics,
-        "outputs": report_outputs(paths, loaded is not None, metrics["memorisation"] is not None),
+        "outputs": report_outputs(
+            paths, loaded is not None and draws_samples(settings), metrics["memorisation"] is not None
+        ),
     }
     write_json(report, paths.json)
     return report

@@ -131,6 +131,12 @@ class DataSettings(Settings):
         }
         cls.add_flags(parser, cls(data=None), helps, cls.CHECKPOINT_FLAGS)
 
+    def source_or(self, trained_on: tuple[str, str | None]) -> tuple[str, str | None]:
+        """(data set, data folder) that --data / --data-dir name, else trained_on (a checkpoint's own):
+        --data alone drops the checkpoint's folder."""
+        name, data_dir = trained_on
+        return self.data or name, self.data_dir or (None if self.data else data_dir)
+
     def with_defaults(self) -> DataSettings:
         """hflip resolved for this data (on for CIFAR-10 and CelebA unless told otherwise)."""
         if self.hflip is not None:
@@ -258,7 +264,8 @@ class RunSettings(Settings):
     log_every: int = setting(50, "steps between rows of train_log.csv", positive_int)
 
 
-METRICS = ("inception", "classifier", "cas", "memorisation", "recon")
+SAMPLE_METRICS = ("inception", "classifier", "cas", "memorisation")  # measured on generated samples
+METRICS = (*SAMPLE_METRICS, "recon")
 
 
 def metric_names(text: str) -> tuple[str, ...]:

@@ -72,18 +72,12 @@ def conditioning(
     return torch.full_like(default, label)
 
 
-def data_of(data: DataSettings, config: dict) -> tuple[str, str | None]:
-    """(data set, IDX folder) that --data / --data-dir name, by default the checkpoint's own."""
-    trained_on = data_source(config)
-    return data.data or trained_on[0], data.data_dir or (None if data.data else trained_on[1])
-
-
 def chosen_test_images(
     settings: VisualisationSettings, data: DataSettings, config: dict, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The test-split images [B, C, H, W] (at the checkpoint's image shape) and labels [B] on device,
     and their indices: --index, else --num-images spread over the classes (seeded)."""
-    name, data_dir = data_of(data, config)
+    name, data_dir = data.source_or(data_source(config))
     images, labels = load_images(name, "test", data_dir, **shape_options(image_shape(config)))
     indices = list(settings.index) or spread_over_classes(labels, settings.num_images, settings.seed)
     outside = [index for index in indices if not 0 <= index < len(images)]
@@ -116,7 +110,7 @@ def commitment_judge(
     by mnist_classifier.py or eval_MNIST.py), unless --no-commitment; None, with a note, if none."""
     if not settings.commitment:
         return None
-    name, data_dir = data_of(data, config)
+    name, data_dir = data.source_or(data_source(config))
     path = default_classifier_path(name, data_dir, tuple(image_shape(config)))
     if not path.is_file():
         flags = classifier_flags(name, data_dir, image_shape(config))
