@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import sys
 
-from cli import run_cli
-from settings import training_job_from_flags
-from trainer import train
+from ddpm.plumbing.cli import run_cli
+from ddpm.plumbing.settings import training_job_from_flags
+from ddpm.training.trainer import train
 
 
 def main(argv: list[str] | None = None) -> None:

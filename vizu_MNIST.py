@@ -35,9 +35,9 @@ Examples:
 
 from __future__ import annotations
 
-from cli import OneLineErrorParser, run_cli
-from settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
-from visualisation import visualise
+from ddpm.plumbing.cli import OneLineErrorParser, run_cli
+from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
+from ddpm.visualisation.visualise import visualise
 
 
 def parse_args(argv: list[str] | None):

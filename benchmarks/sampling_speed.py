@@ -22,13 +22,13 @@ from dataclasses import replace
 
 import torch
 
-from checkpointing import LEGACY_IMAGE_SHAPE, image_shape, load_for_inference
-from cli import OneLineErrorParser, positive_int, positive_int_tuple, run_cli
+from ddpm.plumbing.checkpointing import LEGACY_IMAGE_SHAPE, image_shape, load_for_inference
+from ddpm.plumbing.cli import OneLineErrorParser, positive_int, positive_int_tuple, run_cli
 from diffusion import GaussianDiffusion
 from model import UNet, count_parameters
-from output_files import write_json
-from provenance import hardware
-from runtime import (
+from ddpm.plumbing.output_files import write_json
+from ddpm.plumbing.provenance import hardware
+from ddpm.plumbing.runtime import (
     configure_fast_path,
     plan_speed,
     prepare_unet,
@@ -36,8 +36,8 @@ from runtime import (
     seed_everything,
     synchronize,
 )
-from sampling import check_sampling, generate_samples
-from settings import RuntimeSettings, SamplingSettings
+from ddpm.sampling import check_sampling, generate_samples
+from ddpm.plumbing.settings import RuntimeSettings, SamplingSettings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

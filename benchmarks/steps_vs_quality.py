@@ -19,18 +19,18 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
-from cli import OneLineErrorParser, positive_int, positive_int_tuple, run_cli
-from data_sources import load_images, shape_options
+from ddpm.plumbing.checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
+from ddpm.plumbing.cli import OneLineErrorParser, positive_int, positive_int_tuple, run_cli
+from ddpm.datasets.sources import load_images, shape_options
 from diffusion import GaussianDiffusion
-from evaluation import classifier_comparison, classifier_scores, set_metrics
-from feature_metrics import floor_set
-from messages import UserError
-from output_files import write_json
-from provenance import hardware
-from runtime import resolve_device, seed_everything, synchronize
-from sampling import generate_samples
-from settings import SamplingSettings
+from ddpm.evaluation.evaluate import classifier_comparison, classifier_scores, set_metrics
+from ddpm.evaluation.feature_metrics import floor_set
+from ddpm.plumbing.messages import UserError
+from ddpm.plumbing.output_files import write_json
+from ddpm.plumbing.provenance import hardware
+from ddpm.plumbing.runtime import resolve_device, seed_everything, synchronize
+from ddpm.sampling import generate_samples
+from ddpm.plumbing.settings import SamplingSettings
 
 FEW_STEP_SAMPLERS = ("ddim", "dpm++2m")
 

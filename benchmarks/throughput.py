@@ -46,12 +46,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from benchmarks.reference_models import diffusers_cifar10_setup, diffusers_unet, lucidrains_unet_matching
-from checkpointing import build_model
-from cli import OneLineErrorParser, parse_with_preset, positive_int, run_cli
-from messages import UserError
+from ddpm.plumbing.checkpointing import build_model
+from ddpm.plumbing.cli import OneLineErrorParser, parse_with_preset, positive_int, run_cli
+from ddpm.plumbing.messages import UserError
 from model import UNet, count_parameters
-from output_files import atomic_write, write_json
-from runtime import (
+from ddpm.plumbing.output_files import atomic_write, write_json
+from ddpm.plumbing.runtime import (
     AMP_DTYPES,
     SpeedPlan,
     configure_fast_path,
@@ -61,7 +61,7 @@ from runtime import (
     seed_everything,
     synchronize,
 )
-from settings import (
+from ddpm.plumbing.settings import (
     PRESETS,
     DataSettings,
     ModelSettings,
@@ -234,7 +234,7 @@ class TrainerContestant(Contestant):
     """trainer.py's own step (Run.train_step) on ours' settings and MNIST-5k: what train_MNIST.py runs."""
 
     def __init__(self, ours_settings: ModelSettings, runtime: RuntimeSettings, args, out_dir: Path):
-        from trainer import epoch_batches, prepare_run, setup_processes
+        from ddpm.training.trainer import epoch_batches, prepare_run, setup_processes
 
         job = TrainingJob(
             data=DataSettings("mnist-5k"),

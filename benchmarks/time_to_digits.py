@@ -33,16 +33,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.reference_models import DIFFUSERS_TUNED, diffusers_unet
-from checkpointing import build_model
-from cli import OneLineErrorParser, positive_float, positive_int, run_cli
-from data_sources import MNIST_LIKE, load_images
-from evaluation import classifier_comparison, classifier_scores, evaluate
-from messages import UserError
+from ddpm.plumbing.checkpointing import build_model
+from ddpm.plumbing.cli import OneLineErrorParser, positive_float, positive_int, run_cli
+from ddpm.datasets.sources import MNIST_LIKE, load_images
+from ddpm.evaluation.evaluate import classifier_comparison, classifier_scores, evaluate
+from ddpm.plumbing.messages import UserError
 from model import count_parameters
-from output_files import write_json
-from pictures import save_image_grid
-from runtime import resolve_device, seed_everything
-from settings import (
+from ddpm.plumbing.output_files import write_json
+from ddpm.visualisation.pictures import save_image_grid
+from ddpm.plumbing.runtime import resolve_device, seed_everything
+from ddpm.plumbing.settings import (
     CLOCKS,
     DataSettings,
     EvaluationSettings,
@@ -50,7 +50,7 @@ from settings import (
     SamplingSettings,
     training_job_from_flags,
 )
-from trainer import CLOCK_READERS, SECONDS_PER_MINUTE, train
+from ddpm.training.trainer import CLOCK_READERS, SECONDS_PER_MINUTE, train
 
 REFERENCE_LR = 2e-3
 REFERENCE_BATCH_SIZE = 64

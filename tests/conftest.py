@@ -17,9 +17,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-import data_sources  # noqa: E402
-from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
-from data_sources import load_images, write_idx  # noqa: E402
+from ddpm.datasets import sources as data_sources  # noqa: E402
+from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
+from ddpm.datasets.sources import load_images, write_idx  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 
 TINY_MODEL_CONFIG = {

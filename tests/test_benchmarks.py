@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY_UNET_FLAGS
 
 from benchmarks import chaos, colour_training, sampling_speed, steps_vs_quality, throughput, time_to_digits
-from messages import UserError
+from ddpm.plumbing.messages import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import data_sources
-from cli import run_cli
-from data_sources import DataUnavailableError, load_images, read_idx, write_idx
+from ddpm.datasets import sources as data_sources
+from ddpm.plumbing.cli import run_cli
+from ddpm.datasets.sources import DataUnavailableError, load_images, read_idx, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""eval_MNIST.py and mnist_classifier.py on CPU, offline, with tens of samples from the tiny checkpoint.
+"""eval_MNIST.py and ddpm.evaluation.train_classifier on CPU, offline, with tens of samples from the tiny checkpoint.
 
 One evaluation run (module fixture) with a classifier trained for one epoch by mnist_classifier's
 own entry point, baselines, two repeats, memorisation, the NLL bound on 4 test images and an
@@ -23,19 +23,19 @@ from PIL import Image
 from torch_fidelity import feature_extractor_inceptionv3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-import classifier
+from ddpm.evaluation import classifier
 import eval_MNIST
-import evaluation as evaluation_module
-import feature_metrics
-import image_metrics
-import mnist_classifier
-import repeats
-import sampling
-from checkpointing import CHECKPOINT_VERSION, build_model, load_for_inference, save_checkpoint
-from cli import run_cli
-from data_sources import load_images, write_idx
-from provenance import sha256_of_file
-from settings import SamplingSettings
+from ddpm.evaluation import evaluate as evaluation_module
+from ddpm.evaluation import feature_metrics
+from ddpm.evaluation import image_metrics
+from ddpm.evaluation import train_classifier
+from ddpm.evaluation import repeats
+from ddpm import sampling
+from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, load_for_inference, save_checkpoint
+from ddpm.plumbing.cli import run_cli
+from ddpm.datasets.sources import load_images, write_idx
+from ddpm.plumbing.provenance import sha256_of_file
+from ddpm.plumbing.settings import SamplingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 40
@@ -63,11 +63,11 @@ def offline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifier_path(tmp_path_factory) -> Path:
-    """A classifier trained for one epoch on MNIST-5k through `python mnist_classifier.py`'s main."""
+    """A classifier trained for one epoch on MNIST-5k through `python -m ddpm.evaluation.train_classifier`'s main."""
     path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        mnist_classifier.main(["--data", "mnist-5k", "--epochs", "1", "--out", str(path), "--device", "cpu"])
+        train_classifier.main(["--data", "mnist-5k", "--epochs", "1", "--out", str(path), "--device", "cpu"])
     assert "test accuracy" in output.getvalue()
     return path
 
@@ -553,7 +553,7 @@ def test_command_line_error_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: no checkpoint file at {tmp_path / 'none.pt'}"]
 
 
-# ----- mnist_classifier --------------------------------------------------------------------------
+# ----- train_classifier --------------------------------------------------------------------------
 
 
 def test_classifier_file_round_trips_and_default_paths_do_not_collide(classifier_path, real_images):

@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL_CONFIG, TINY_TRAIN_FLAGS, tiny_train_argv
 
-from checkpointing import (
+from ddpm.plumbing.checkpointing import (
     CHECKPOINT_VERSION,
     LEGACY_VERSION,
     CheckpointError,
@@ -29,11 +29,11 @@ from checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from cli import run_cli
-from folder_lock import LOCK_NAME, read_holder
-from output_files import OutputError
+from ddpm.plumbing.cli import run_cli
+from ddpm.training.folder_lock import LOCK_NAME, read_holder
+from ddpm.plumbing.output_files import OutputError
 from train_MNIST import main
-from trainer import TrainingLog
+from ddpm.training.trainer import TrainingLog
 
 REPO = Path(__file__).resolve().parents[1]
 

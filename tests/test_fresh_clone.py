@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-import checkpointing
-import runtime
-from checkpointing import DEMO_CHECKPOINT, load_checkpoint, resolve_checkpoint
-from classifier import SHIPPED_CLASSIFIER, SHIPPED_CLASSIFIER_SHA256, accuracy, load_classifier
-from data_sources import spread_over_classes
-from provenance import sha256_of_file
-from settings import PRESETS, training_job_from_flags
+from ddpm.plumbing import checkpointing
+from ddpm.plumbing import runtime
+from ddpm.plumbing.checkpointing import DEMO_CHECKPOINT, load_checkpoint, resolve_checkpoint
+from ddpm.evaluation.classifier import SHIPPED_CLASSIFIER, SHIPPED_CLASSIFIER_SHA256, accuracy, load_classifier
+from ddpm.datasets.sources import spread_over_classes
+from ddpm.plumbing.provenance import sha256_of_file
+from ddpm.plumbing.settings import PRESETS, training_job_from_flags
 
 DEMO_SHA256 = checkpointing.DEMO_CHECKPOINT_SHA256
 MAX_SHIPPED_BYTES = 5 * 1024 * 1024

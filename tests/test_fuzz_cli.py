@@ -26,10 +26,10 @@ from conftest import tiny_train_argv
 
 import eval_MNIST
 import train_MNIST
-import trainer
+from ddpm.training import trainer
 import vizu_MNIST
-from cli import run_cli
-from settings import (
+from ddpm.plumbing.cli import run_cli
+from ddpm.plumbing.settings import (
     DataSettings,
     EvaluationSettings,
     GuidedSamplingSettings,

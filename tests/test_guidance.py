@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_eval import run_eval
 
-from checkpointing import load_for_inference
-from classifier import SHIPPED_CLASSIFIER, accuracy, load_classifier
-from sampling import generate_samples
-from settings import SamplingSettings
+from ddpm.plumbing.checkpointing import load_for_inference
+from ddpm.evaluation.classifier import SHIPPED_CLASSIFIER, accuracy, load_classifier
+from ddpm.sampling import generate_samples
+from ddpm.plumbing.settings import SamplingSettings
 
 CHANCE = 0.1  # ten classes
 NUM_SAMPLES = 100  # ten per class

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from checkpointing import build_model
+from ddpm.plumbing.checkpointing import build_model
 from model import ChannelsLastGradient, ResidualBlock, UNet, count_parameters, timestep_embedding
 
 

@@ -18,15 +18,15 @@ import torch
 from conftest import TINY_UNET_FLAGS
 from PIL import Image
 
-import classifier
-import data_sources
+from ddpm.evaluation import classifier
+from ddpm.datasets import sources as data_sources
 import eval_MNIST
 import vizu_MNIST
-from checkpointing import build_model, image_shape, load_checkpoint
-from cli import run_cli
-from data_sources import DataUnavailableError, load_pixels, random_hflip, write_idx
+from ddpm.plumbing.checkpointing import build_model, image_shape, load_checkpoint
+from ddpm.plumbing.cli import run_cli
+from ddpm.datasets.sources import DataUnavailableError, load_pixels, random_hflip, write_idx
 from model import UNet, count_parameters
-from settings import training_job_from_flags
+from ddpm.plumbing.settings import training_job_from_flags
 from train_MNIST import main as train_main
 
 TINY_TRAINING = [*TINY_UNET_FLAGS, "--T", "10", "--batch-size", "4", "--log-every", "1", "--device", "cpu"]

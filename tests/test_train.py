@@ -20,8 +20,8 @@ import pytest
 import torch
 from conftest import TINY_UNET_FLAGS
 
-from checkpointing import CHECKPOINT_VERSION, load_checkpoint, load_for_inference, save_checkpoint
-from cli import run_cli
+from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, load_checkpoint, load_for_inference, save_checkpoint
+from ddpm.plumbing.cli import run_cli
 from diffusion import GaussianDiffusion
 from train_MNIST import main
 

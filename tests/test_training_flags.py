@@ -13,14 +13,14 @@ import pytest
 import torch
 from conftest import TINY_UNET_FLAGS
 
-import image_metrics
-from checkpointing import CheckpointError, build_model, latest_checkpoint, load_checkpoint, load_for_inference
-from checkpointing import save_checkpoint as write_checkpoint
-from data_sources import load_images, write_idx
+from ddpm.evaluation import image_metrics
+from ddpm.plumbing.checkpointing import CheckpointError, build_model, latest_checkpoint, load_checkpoint, load_for_inference
+from ddpm.plumbing.checkpointing import save_checkpoint as write_checkpoint
+from ddpm.datasets.sources import load_images, write_idx
 from diffusion import GaussianDiffusion
-from runtime import seed_everything
+from ddpm.plumbing.runtime import seed_everything
 from train_MNIST import main
-from trainer import Processes, drop_labels, epoch_batches, lr_factor
+from ddpm.training.trainer import Processes, drop_labels, epoch_batches, lr_factor
 
 TINY_IMAGES, BATCH, STEPS_PER_EPOCH = 48, 16, 3
 TINY_RUN = [*TINY_UNET_FLAGS, "--T", "20", "--batch-size", str(BATCH), "--log-every", "1", "--device", "cpu"]

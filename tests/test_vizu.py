@@ -19,12 +19,12 @@ from PIL import Image
 from torch import nn
 
 import vizu_MNIST as vizu
-from checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint
-from cli import run_cli
+from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint
+from ddpm.plumbing.cli import run_cli
 from diffusion import GaussianDiffusion
-from messages import USER_ERROR_EXIT_CODE
-from settings import SamplingSettings
-from trajectories import Trajectory, decision_steps, reconstruction_trajectory
+from ddpm.plumbing.messages import USER_ERROR_EXIT_CODE
+from ddpm.plumbing.settings import SamplingSettings
+from ddpm.visualisation.trajectories import Trajectory, decision_steps, reconstruction_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from messages import UserError
+from ddpm.plumbing.messages import UserError
 
 TEMP_SUFFIX = ".tmp"  # atomic_write's temp files are .NAME.XXXXXXXX.tmp beside NAME
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from messages import UserError, note
+from ddpm.plumbing.messages import UserError, note
 
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")  # what --device may name besides auto
 AMP_MODES = ("auto", "bf16", "fp16", "none")

@@ -36,8 +36,8 @@ from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from tqdm import tqdm
 
-from checkpointing import DEFAULT_CHECKPOINT_DIR, read_torch_file, save_checkpoint
-from messages import UserError
+from ddpm.plumbing.checkpointing import DEFAULT_CHECKPOINT_DIR, read_torch_file, save_checkpoint
+from ddpm.plumbing.messages import UserError
 
 CLASSIFIER_FORMAT = "mnist-classifier"
 CLASSIFIER_VERSION = 2  # 2 records the image shape; version 1 files are 1 x 28 x 28
@@ -51,7 +51,7 @@ MIN_STEPS = 300  # small data sets get more epochs, so that the default training
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LR = 1e-3
 EVAL_BATCH_SIZE = 1000
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CLASSIFIER = REPO / "weights" / "classifier_mnist5k.pt"
 SHIPPED_CLASSIFIER_SHA256 = "e2e0de19b4520b2f71ef9e4340c9d7bf92c787609e29fdc27efb656793afcfc9"
 SHIPPED_FOR = ("mnist", "mnist-5k")  # data sets whose default classifier is the shipped one
@@ -187,7 +187,7 @@ def load_classifier(
     """The classifier in eval mode, and its file's other entries (data, test_accuracy, ...)."""
     state = read_torch_file(path, device, "classifier file", ClassifierError)
     if not isinstance(state, dict) or state.get("format") != CLASSIFIER_FORMAT:
-        raise ClassifierError(f"{path} is not a classifier file of this repo (mnist_classifier.py)")
+        raise ClassifierError(f"{path} is not a classifier file of this repo (python -m ddpm.evaluation.train_classifier)")
     model = MnistClassifier(tuple(state.get("image_shape", LEGACY_SHAPE))).to(device)
     try:
         model.load_state_dict(state["model"])
@@ -270,8 +270,8 @@ def train_and_save(
     data's own) for `epochs` (default: default_epochs), test it on its test split, save it to path
     (default: default_classifier_path of the data and shape); returns the info saved with it (data,
     test_accuracy, epochs, seed, num_train) and the path."""
-    from data_sources import load_images
-    from output_files import writable_dir
+    from ddpm.datasets.sources import load_images
+    from ddpm.plumbing.output_files import writable_dir
 
     train_images, train_labels = load_images(
         data, "train", data_dir, image_size=image_size, channels=channels
@@ -305,7 +305,7 @@ def ensure_classifier(
     """The classifier file for a data set's images of image_shape: `path` if given (it must exist
     and take that shape), else the default one, trained and cached there once (with one line saying
     so) when it does not exist yet."""
-    from messages import note
+    from ddpm.plumbing.messages import note
 
     if path is not None:
         return checked_shape(Path(path), image_shape)

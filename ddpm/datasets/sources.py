@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from messages import UserError, note
+from ddpm.plumbing.messages import UserError, note
 
 MNIST_LIKE = ("mnist", "mnist-5k", "fashion-mnist")  # 1 x 28 x 28 grey, 10 classes
 DATA_SETS = (*MNIST_LIKE, "cifar10", "celeba")

@@ -18,8 +18,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-from image_metrics import to_uint8
-from output_files import save_figure, save_picture
+from ddpm.evaluation.image_metrics import to_uint8
+from ddpm.plumbing.output_files import save_figure, save_picture
 
 GRID_PADDING = 2
 GRID_SCALE = 2

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from checkpointing import CHECKPOINT_VERSION, CheckpointError
+from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, CheckpointError
 from model import UNet
 
 EMA_WARMUP_OFFSET = 10  # decay = min(decay, (1 + n) / (EMA_WARMUP_OFFSET + n))

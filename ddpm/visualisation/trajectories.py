@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from classifier import class_probabilities
+from ddpm.evaluation.classifier import class_probabilities
 from diffusion import GaussianDiffusion, SamplerStep
-from image_metrics import mse, ssim
-from settings import SamplingSettings
+from ddpm.evaluation.image_metrics import mse, ssim
+from ddpm.plumbing.settings import SamplingSettings
 
 FINISHED_T = -1  # the t that samplers report for the finished image
 

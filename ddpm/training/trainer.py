@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpointing import (
+from ddpm.plumbing.checkpointing import (
     LAST_NAME,
     CheckpointError,
     build_model,
@@ -51,14 +51,14 @@ from checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from data_sources import load_pixels, random_hflip, to_model_range
+from ddpm.datasets.sources import load_pixels, random_hflip, to_model_range
 from diffusion import GaussianDiffusion
-from folder_lock import FolderLock
-from messages import UserError
+from ddpm.training.folder_lock import FolderLock
+from ddpm.plumbing.messages import UserError
 from model import count_parameters
-from output_files import OutputError, writable_dir, write_csv
-from pictures import plot_loss, save_image_grid
-from runtime import (
+from ddpm.plumbing.output_files import OutputError, writable_dir, write_csv
+from ddpm.visualisation.pictures import plot_loss, save_image_grid
+from ddpm.plumbing.runtime import (
     SpeedPlan,
     autocast_context,
     compile_or_eager,
@@ -67,9 +67,9 @@ from runtime import (
     resolve_device,
     seed_everything,
 )
-from sampling import balanced_labels
-from settings import NUM_CLASSES, TrainingJob
-from training_state import TrainingState, capture_rng_states, restore_rng_states
+from ddpm.sampling import balanced_labels
+from ddpm.plumbing.settings import NUM_CLASSES, TrainingJob
+from ddpm.training.state import TrainingState, capture_rng_states, restore_rng_states
 
 CLOCK_READERS = {"wall": time.perf_counter, "cpu": time.process_time}
 SECONDS_PER_MINUTE = 60

@@ -28,7 +28,7 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
-from cli import (
+from ddpm.plumbing.cli import (
     fraction,
     int_between,
     int_tuple,
@@ -40,9 +40,9 @@ from cli import (
     positive_int,
     seed_number,
 )
-from data_sources import DATA_SETS, NUM_CLASSES, flips_by_default
+from ddpm.datasets.sources import DATA_SETS, NUM_CLASSES, flips_by_default
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
-from runtime import AMP_MODES, COMPILE_MODES, SWITCHES
+from ddpm.plumbing.runtime import AMP_MODES, COMPILE_MODES, SWITCHES
 
 LR_SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "cpu")
@@ -457,7 +457,7 @@ class TrainingJob:
 def training_job_from_flags(argv: list[str], description: str | None = None) -> TrainingJob:
     """The TrainingJob that `train_MNIST.py ARGV` runs (presets applied): the script's parser, also
     for code that trains as that command does."""
-    from cli import OneLineErrorParser, parse_with_preset
+    from ddpm.plumbing.cli import OneLineErrorParser, parse_with_preset
 
     parser = OneLineErrorParser(prog="train_MNIST.py", description=description, epilog=presets_help())
     TrainingJob.add_flags(parser)

@@ -23,10 +23,10 @@ from torch import nn
 from tqdm import tqdm
 
 from diffusion import GaussianDiffusion, final_sample
-from image_metrics import reconstruction_metrics
-from messages import UserError
-from runtime import autocast_context
-from settings import SamplingSettings
+from ddpm.evaluation.image_metrics import reconstruction_metrics
+from ddpm.plumbing.messages import UserError
+from ddpm.plumbing.runtime import autocast_context
+from ddpm.plumbing.settings import SamplingSettings
 
 DEFAULT_RECON_T = (50, 100, 250, 500, 750)  # then T-1 (999 for T = 1000)
 DEFAULT_BATCH_SIZE = 250

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from messages import USER_ERROR_EXIT_CODE, UserError
+from ddpm.plumbing.messages import USER_ERROR_EXIT_CODE, UserError
 
 SEED_LIMIT = 2**32 - 1  # NumPy's legacy seeding takes [0, 2**32 - 1]
 

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
-from classifier import data_label, default_classifier_path, load_classifier
-from data_sources import load_images, shape_options, spread_over_classes
+from ddpm.plumbing.checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
+from ddpm.evaluation.classifier import data_label, default_classifier_path, load_classifier
+from ddpm.datasets.sources import load_images, shape_options, spread_over_classes
 from diffusion import GaussianDiffusion
-from messages import UserError, note
-from output_files import writable_dir, write_csv
-from pictures import (
+from ddpm.plumbing.messages import UserError, note
+from ddpm.plumbing.output_files import writable_dir, write_csv
+from ddpm.visualisation.pictures import (
     save_change_curve,
     save_commitment_plot,
     save_gif,
@@ -41,10 +41,10 @@ from pictures import (
     save_strip,
     save_sweep_plot,
 )
-from runtime import resolve_device, seed_everything
-from sampling import check_sampling, reconstruction_sweep, sweep_timesteps
-from settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
-from trajectories import (
+from ddpm.plumbing.runtime import resolve_device, seed_everything
+from ddpm.sampling import check_sampling, reconstruction_sweep, sweep_timesteps
+from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
+from ddpm.visualisation.trajectories import (
     Trajectory,
     add_class_probabilities,
     decision_steps,
@@ -97,7 +97,7 @@ def write_metrics_csv(trajectory: Trajectory, path: Path, image_ids: list[int]) 
 
 
 def classifier_flags(name: str, data_dir: str | None, shape: tuple[int, int, int]) -> str:
-    """mnist_classifier.py's flags for a classifier of this data at this image shape."""
+    """ddpm.evaluation.train_classifier's flags for a classifier of this data at this image shape."""
     channels, height, _ = shape
     source = f"--data-dir {data_dir}" if data_dir else f"--data {name}"
     return f"{source} --channels {channels} --image-size {height}"
@@ -107,7 +107,7 @@ def commitment_judge(
     settings: VisualisationSettings, data: DataSettings, config: dict, device: torch.device
 ) -> nn.Module | None:
     """The classifier that says which digit x0-hat is (the shipped one for MNIST, or one made before
-    by mnist_classifier.py or eval_MNIST.py), unless --no-commitment; None, with a note, if none."""
+    by ddpm.evaluation.train_classifier or eval_MNIST.py), unless --no-commitment; None, with a note, if none."""
     if not settings.commitment:
         return None
     name, data_dir = data.source_or(data_source(config))
@@ -116,7 +116,7 @@ def commitment_judge(
         flags = classifier_flags(name, data_dir, image_shape(config))
         note(
             f"commitment skipped: no classifier for {data_label(name, data_dir)} at {path} "
-            f"(make one with `python mnist_classifier.py {flags}`)"
+            f"(make one with `python -m ddpm.evaluation.train_classifier {flags}`)"
         )
         return None
     return load_classifier(path, device)[0]

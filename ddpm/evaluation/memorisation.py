@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_sources import to_model_range
-from image_metrics import to_uint8
+from ddpm.datasets.sources import to_model_range
+from ddpm.evaluation.image_metrics import to_uint8
 
 COPY_PERCENTILE = 1.0  # a sample nearer than this percentile of held-out images' distances is a copy
 NUM_CLOSEST_PAIRS = 16

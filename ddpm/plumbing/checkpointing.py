@@ -26,15 +26,15 @@ from typing import Any
 import torch
 
 from diffusion import GaussianDiffusion
-from messages import UserError, note
+from ddpm.plumbing.messages import UserError, note
 from model import UNet
-from output_files import atomic_write
+from ddpm.plumbing.output_files import atomic_write
 
 CHECKPOINT_VERSION = 2
 LEGACY_VERSION = 1  # what a checkpoint without a "version" key is read as
 LEGACY_IMAGE_SHAPE = (1, 28, 28)  # version-1 checkpoints recorded no shape: they are all MNIST
 DEFAULT_CHECKPOINT_DIR = Path("checkpoints")
-DEMO_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "demo_mnist5k.pt"  # shipped with the repo
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[2] / "weights" / "demo_mnist5k.pt"  # shipped with the repo
 DEMO_CHECKPOINT_SHA256 = "a6c6f6fc33cb9916c1e54da3fe8cf6b135c4db9dc401eb1645571de7bd07665b"
 DEMO_NAME = "demo"
 LAST_NAME = "last.pt"

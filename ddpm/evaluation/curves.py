@@ -19,13 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from checkpointing import resolve_checkpoints
-from evaluation import evaluate, format_report
-from messages import UserError
-from output_files import writable_dir, write_csv
-from pictures import save_training_curves
-from repeats import OVER_REPEATS
-from settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+from ddpm.plumbing.checkpointing import resolve_checkpoints
+from ddpm.evaluation.evaluate import evaluate, format_report
+from ddpm.plumbing.messages import UserError
+from ddpm.plumbing.output_files import writable_dir, write_csv
+from ddpm.visualisation.pictures import save_training_curves
+from ddpm.evaluation.repeats import OVER_REPEATS
+from ddpm.plumbing.settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
 
 CURVE_METRICS = ("fid", "is_mean", "precision", "recall")
 CURVE_NAME = "training_curve"

@@ -25,8 +25,8 @@ import socket
 import time
 from pathlib import Path
 
-from messages import UserError, note
-from output_files import TEMP_SUFFIX, OutputError
+from ddpm.plumbing.messages import UserError, note
+from ddpm.plumbing.output_files import TEMP_SUFFIX, OutputError
 
 LOCK_NAME = "train.lock"
 

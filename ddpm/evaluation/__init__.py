@@ -1,0 +1,1 @@
+"""Evaluation: sample-set metrics, their classifier, memorisation, reconstruction and the NLL bound."""

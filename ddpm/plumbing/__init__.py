@@ -1,0 +1,1 @@
+"""Shared plumbing: settings and flags, the command line, the device and precision, checkpoints, output files."""

@@ -1,0 +1,1 @@
+"""Pictures: image grids, figures of the reverse process, and what vizu_MNIST.py shows."""
