@@ -20,47 +20,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from ddpm.datasets import sources as data_sources  # noqa: E402
 from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
 from ddpm.datasets.sources import load_images, write_idx  # noqa: E402
-from diffusion import GaussianDiffusion  # noqa: E402
-
-TINY_MODEL_CONFIG = {
-    "in_channels": 1,
-    "model_channels": 16,
-    "channel_mult": (1, 2),
-    "num_res_blocks": 1,
-    "attention_resolutions": (),
-    "dropout": 0.0,
-    "num_classes": None,
-    "scale_shift_norm": True,
-}
-TINY_TRAINING_STEPS = 200
-TINY_IMAGES = 48  # the tiny training set: 3 batches of 16, so a few steps cross epoch ends
-TINY_UNET_FLAGS = [
-    "--model-channels",
-    "8",
-    "--channel-mult",
-    "1,2",
-    "--num-res-blocks",
-    "1",
-    "--attn-resolutions",
-    "",
-]
-TINY_TRAIN_FLAGS = [
-    *TINY_UNET_FLAGS,
-    "--T",
-    "20",
-    "--batch-size",
-    "16",
-    "--warmup-steps",
-    "2",
-    "--device",
-    "cpu",
-]
-
-
-def tiny_train_argv(data: Path, out_dir: Path, *extra: str) -> list[str]:
-    """train_MNIST.py flags of a tiny run (8-channel U-Net, T = 20, 3 steps per epoch of data)."""
-    return [*TINY_TRAIN_FLAGS, "--data-dir", str(data), "--out-dir", str(out_dir), *extra]
-
+from helpers import TINY_IMAGES, TINY_TRAINING_STEPS, broken_copy, tiny_config, train_tiny  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_train_data(tmp_path_factory) -> Path:
@@ -76,45 +36,6 @@ def tiny_train_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mnist_5k_test() -> tuple[torch.Tensor, torch.Tensor]:
     return load_images("mnist-5k", "test")
-
-
-def broken_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights with N(0, 0.3^2) noise added to each: a network whose predictions are useless."""
-    generator = torch.Generator().manual_seed(1)
-    return {
-        key: value + 0.3 * torch.randn(value.shape, generator=generator) for key, value in weights.items()
-    }
-
-
-def train_tiny(config: dict, steps: int, p_uncond: float = 0.0) -> dict[str, torch.Tensor]:
-    """The weights of config's U-Net after `steps` AdamW steps (lr 2e-3, batch 32) on MNIST-5k: with
-    num_classes, on the labels, each replaced by the null label with probability p_uncond."""
-    torch.manual_seed(0)
-    model, diffusion = build_model(config), GaussianDiffusion(**config["diffusion"])
-    images, labels = load_images("mnist-5k", "train")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(0)
-    conditional = config["model"]["num_classes"] is not None
-    for _ in range(steps):
-        batch = torch.randint(0, len(images), (32,), generator=generator)
-        batch_labels = None
-        if conditional:
-            dropped = torch.rand(32, generator=generator) < p_uncond
-            batch_labels = labels[batch].masked_fill(dropped, config["model"]["num_classes"])
-        loss = diffusion.training_loss(model, images[batch], batch_labels, generator=generator)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.state_dict()
-
-
-def tiny_config(prediction: str = "eps", num_classes: int | None = None) -> dict:
-    return {
-        "model": dict(TINY_MODEL_CONFIG, num_classes=num_classes),
-        "image_shape": [1, 28, 28],
-        "diffusion": {"T": 100, "schedule": "cosine", "prediction": prediction},
-        "data": "mnist-5k",
-    }
 
 
 @pytest.fixture(scope="session")

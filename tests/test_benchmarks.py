@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TINY_UNET_FLAGS
+from helpers import TINY_UNET_FLAGS
 
 from benchmarks import chaos, colour_training, sampling_speed, steps_vs_quality, throughput, time_to_digits
 from ddpm.plumbing.messages import UserError

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL_CONFIG, TINY_TRAIN_FLAGS, tiny_train_argv
+from helpers import TINY_MODEL_CONFIG, TINY_TRAIN_FLAGS, tiny_train_argv
 
 from ddpm.plumbing.checkpointing import (
     CHECKPOINT_VERSION,

@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 
 import torch
-from conftest import tiny_train_argv
+from helpers import tiny_train_argv
 
 import eval_MNIST
 import train_MNIST

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET_FLAGS
+from helpers import TINY_UNET_FLAGS
 from PIL import Image
 
 from ddpm.evaluation import classifier

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET_FLAGS
+from helpers import TINY_UNET_FLAGS
 
 from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, load_checkpoint, load_for_inference, save_checkpoint
 from ddpm.plumbing.cli import run_cli

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET_FLAGS
+from helpers import TINY_UNET_FLAGS
 
 from ddpm.evaluation import image_metrics
 from ddpm.plumbing.checkpointing import CheckpointError, build_model, latest_checkpoint, load_checkpoint, load_for_inference

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL_CONFIG
+from helpers import TINY_MODEL_CONFIG
 from PIL import Image
 from torch import nn
 
