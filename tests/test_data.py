@@ -96,7 +96,7 @@ def test_fashion_falls_back_to_debian_idx_files(monkeypatch, tmp_path):
 
 
 def test_import_needs_no_network_or_gpu():
-    code = "import model, diffusion, data_sources, checkpointing; print('ok')"
+    code = "import model, diffusion, ddpm.datasets.sources, ddpm.plumbing.checkpointing; print('ok')"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
