@@ -14,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,7 @@ class ChannelsLastGradient(torch.autograd.Function):
     Under torch.compile the gradient reaching a convolution's backward can be NCHW (Inductor traces
     GroupNorm's backward with NCHW strides) or a channel slice (torch.cat's backward); cuDNN then
     copies it to NHWC inside convolution_backward, where Inductor cannot fuse the copy away. Asking
-    for NHWC here lets Inductor write the gradient in NHWC in the kernel that computes it (README,
+    for NHWC here lets Inductor write the gradient in NHWC in the kernel that computes it (docs/benchmarks.md,
     "On one GPU": about half the copies gone, 20,057 training img/s on an H200 instead of 18,207).
     """
 
@@ -260,7 +262,7 @@ class UNet(nn.Module):
         embedding = self.time_embedding(timestep_embedding(t, self.model_channels))
         if self.label_embedding is not None:
             if labels is None:
-                labels = torch.full_like(t, self.num_classes)
+                labels = torch.full_like(t, self.label_embedding.num_embeddings - 1)  # the null label K
             embedding = embedding + self.label_embedding(labels)
         return embedding
 
@@ -268,7 +270,7 @@ class UNet(nn.Module):
         embedding = self.embed(t, labels)
         h = self.input_conv(x)
         skips = [h]
-        for level, down in enumerate(self.down_levels):
+        for level, down in enumerate(cast(Iterable[Level], self.down_levels)):
             for block, attention in zip(down.blocks, down.attentions, strict=True):
                 h = attention(block(h, embedding))
                 skips.append(h)
@@ -276,7 +278,7 @@ class UNet(nn.Module):
                 h = self.downsamples[level](h)
                 skips.append(h)
         h = self.middle_block_out(self.middle_attention(self.middle_block_in(h, embedding)), embedding)
-        for level, up in enumerate(self.up_levels):
+        for level, up in enumerate(cast(Iterable[Level], self.up_levels)):
             for block, attention in zip(up.blocks, up.attentions, strict=True):
                 h = attention(block(torch.cat([h, skips.pop()], dim=1), embedding))
             if level < len(self.upsamples):

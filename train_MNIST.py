@@ -1,12 +1,7 @@
 """Train the DDPM U-Net on MNIST: AdamW, warm-up + cosine LR, EMA, bf16, DDP, resumable to the bit.
-
-Algorithm 1 of Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (arXiv:2006.11239), with
-the cosine schedule of Nichol & Dhariwal 2021 (arXiv:2102.09672); the loop is trainer.py's. On a GPU
-the defaults take the fast path (bf16, torch.compile with CUDA graphs, NHWC); on a CPU, eager fp32.
-
-Writes to --out-dir: last.pt (every epoch and at any stop), mnist_epoch_XX.pt (every --save-every
-epochs), train_log.csv, loss.png and samples_epoch_XX.png (EMA weights, fixed noise, DDIM 50 steps).
-Ctrl-C or SIGTERM saves last.pt and exits; `--resume latest` continues where the run stopped.
+Algorithm 1 of Ho et al. 2020 (arXiv:2006.11239) with the cosine schedule of Nichol & Dhariwal 2021
+(arXiv:2102.09672). Writes last.pt, mnist_epoch_XX.pt, train_log.csv, loss.png and sample grids to
+--out-dir; Ctrl-C saves last.pt, and --resume latest continues. Details: docs/training.md.
 
 Examples:
     python train_MNIST.py                                              # 100 epochs of MNIST

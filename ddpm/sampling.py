@@ -15,18 +15,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from diffusion import GaussianDiffusion, final_sample
 from ddpm.evaluation.image_metrics import reconstruction_metrics
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.runtime import autocast_context
 from ddpm.plumbing.settings import SamplingSettings
+from diffusion import GaussianDiffusion, final_sample
 
 DEFAULT_RECON_T = (50, 100, 250, 500, 750)  # then T-1 (999 for T = 1000)
 DEFAULT_BATCH_SIZE = 250
@@ -103,7 +103,7 @@ def generate_samples(
     (samples, labels on the CPU or None).
     """
     if labels is None:
-        labels = balanced_labels(count, model.num_classes, device)
+        labels = balanced_labels(count, cast(int | None, model.num_classes), device)
     generator = torch.Generator(device=device).manual_seed(seed)
     batches = []
     starts = range(0, count, batch_size)

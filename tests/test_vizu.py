@@ -21,10 +21,10 @@ from torch import nn
 import vizu_MNIST as vizu
 from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint
 from ddpm.plumbing.cli import run_cli
-from diffusion import GaussianDiffusion
 from ddpm.plumbing.messages import USER_ERROR_EXIT_CODE
 from ddpm.plumbing.settings import SamplingSettings
 from ddpm.visualisation.trajectories import Trajectory, decision_steps, reconstruction_trajectory
+from diffusion import GaussianDiffusion
 
 REPO = Path(__file__).resolve().parents[1]
 

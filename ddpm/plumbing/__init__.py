@@ -1,1 +1,1 @@
-"""Shared plumbing: settings and flags, the command line, the device and precision, checkpoints, output files."""
+"""Shared plumbing: settings, presets and flags, the command line, device, checkpoints, files."""

@@ -167,14 +167,6 @@ def float_tuple(text: str) -> tuple[float, ...]:
     return values if all(math.isfinite(value) for value in values) else ()
 
 
-def positive_float_tuple(text: str) -> tuple[float, ...]:
-    """argparse type: one or more comma-separated finite floats > 0, e.g. '1,2,4'."""
-    values = float_tuple(text)
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
-    return values
-
-
 def non_negative_float_tuple(text: str) -> tuple[float, ...]:
     """argparse type: one or more comma-separated finite floats >= 0, e.g. '0,1,2,4'."""
     values = float_tuple(text)

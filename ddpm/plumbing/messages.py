@@ -2,7 +2,7 @@
 
 Every script runs its `main` through `cli.run_cli`, which prints a `UserError` as one `error:` line
 on stderr and exits with status 2, never a traceback. Library modules raise subclasses of it
-(`checkpointing.CheckpointError`, `data_sources.DataUnavailableError`, ...) and tell the user about
+(`checkpointing.CheckpointError`, `checks.DataUnavailableError`, ...) and tell the user about
 choices made for them (a fallback, a default file) with `note`, one line on stderr.
 
 Example:

@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import platform
 from pathlib import Path
@@ -31,7 +32,6 @@ def sha256_of_tensor(tensor: torch.Tensor) -> str:
 
 def library_versions() -> dict[str, str]:
     """Python, torch, torchvision, torch-fidelity, NumPy and scikit-image versions."""
-    import skimage
     import torch_fidelity
     import torchvision
 
@@ -41,7 +41,7 @@ def library_versions() -> dict[str, str]:
         "torchvision": torchvision.__version__,
         "torch_fidelity": torch_fidelity.__version__,
         "numpy": np.__version__,
-        "scikit_image": skimage.__version__,
+        "scikit_image": importlib.metadata.version("scikit-image"),  # its stubs lack __version__
     }
 
 

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ def configure_fast_path(device: torch.device) -> None:
     """TF32 matmuls and convolutions, and cuDNN autotuning, on a GPU."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]  # not in torch's stubs
         torch.backends.cudnn.benchmark = True
 
 
@@ -141,6 +142,8 @@ class EagerFallback(nn.Module):
     a torch._dynamo error later (a recompilation), says so in one line and runs the eager module from
     then on. Attributes such as `num_classes` are the eager module's."""
 
+    compiled: Callable[..., torch.Tensor] | None  # in __dict__, not a submodule
+
     def __init__(self, model: nn.Module, compiled: Callable, announce: Callable[[str], None]):
         super().__init__()
         self.model = model
@@ -149,7 +152,7 @@ class EagerFallback(nn.Module):
 
     @property
     def num_classes(self) -> int | None:
-        return self.model.num_classes
+        return cast(int | None, self.model.num_classes)
 
     def forward(self, *inputs, **kwargs):
         if self.compiled is not None:

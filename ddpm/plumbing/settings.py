@@ -1,20 +1,10 @@
-"""Settings declared once: small frozen dataclasses whose fields are the scripts' flags, and presets.
+"""Settings declared once: small frozen dataclasses whose fields are the scripts' flags.
 
 Each dataclass field is one flag (`model_channels` -> `--model-channels`) with its type, default and
 help; `Settings.add_flags(parser)` adds a dataclass's flags to a parser and `Settings.from_args(args)`
 reads them back, so every script and benchmark shares the same names, types and defaults. Library
-functions take these dataclasses (or plain keywords), never an argparse namespace.
-
-Presets (`train_MNIST.py --preset NAME`) replace some defaults; flags given explicitly override them:
-  gpu  (the default) the model and recipe of the full GPU run, 100 epochs of MNIST
-  cpu  the CPU recipe that reaches recognisable digits in 15 CPU-minutes on MNIST-5k: a 1.13M U-Net
-       whose widths grow where the feature maps are small, v-prediction (Salimans & Ho 2022,
-       arXiv:2202.00512), min-SNR-5 weights (Hang et al. 2023, arXiv:2303.09556), AdamW 2e-3,
-       EMA 0.999, bf16 autocast
-  cifar10  Ho et al. 2020's CIFAR-10 run (arXiv:2006.11239, appendix B): a 35.7M U-Net of 128 channels,
-       widths 1,2,2,2, 2 blocks per level, attention at 16x16, dropout 0.1, the embedding added
-       before the norm; linear betas, eps, AdamW 2e-4 (constant after 5,000 warm-up steps), batch
-       128, EMA 0.9999, 800k steps, horizontal flips
+functions take these dataclasses (or plain keywords), never an argparse namespace. The presets of
+train_MNIST.py and the TrainingJob that gathers its settings are in presets.py.
 
 Example:
     parser = OneLineErrorParser()
@@ -25,9 +15,11 @@ Example:
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, ClassVar
+from dataclasses import Field, dataclass, field, fields, replace
+from typing import Any, ClassVar, Self
 
+from ddpm.datasets.checks import NUM_CLASSES
+from ddpm.datasets.sources import DATA_SETS, flips_by_default
 from ddpm.plumbing.cli import (
     fraction,
     int_between,
@@ -40,9 +32,8 @@ from ddpm.plumbing.cli import (
     positive_int,
     seed_number,
 )
-from ddpm.datasets.sources import DATA_SETS, NUM_CLASSES, flips_by_default
-from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 from ddpm.plumbing.runtime import AMP_MODES, COMPILE_MODES, SWITCHES
+from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 
 LR_SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "cpu")
@@ -62,6 +53,7 @@ class Settings:
     """Base of the settings dataclasses: their fields as flags, and back."""
 
     TITLE: ClassVar[str] = ""
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every subclass is a dataclass
 
     @classmethod
     def add_flags(
@@ -91,7 +83,7 @@ class Settings:
             group.add_argument(meta["flag"] or "--" + spec.name.replace("_", "-"), **options)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace):
+    def from_args(cls, args: argparse.Namespace) -> Self:
         """The dataclass of the parsed flags; fields without a flag (see add_flags' names) keep
         their defaults."""
         return cls(
@@ -129,7 +121,8 @@ class DataSettings(Settings):
             "data": "data set of the test images (default: the checkpoint's)",
             "data_dir": "folder of the test images, any layout --data-dir takes (default: the checkpoint's)",
         }
-        cls.add_flags(parser, cls(data=None), helps, cls.CHECKPOINT_FLAGS)
+        cls.add_flags(parser, cls(), helps, cls.CHECKPOINT_FLAGS)
+        parser.set_defaults(data=None)  # None: the checkpoint's (source_or)
 
     def source_or(self, trained_on: tuple[str, str | None]) -> tuple[str, str | None]:
         """(data set, data folder) that --data / --data-dir name, else trained_on (a checkpoint's own):
@@ -225,20 +218,26 @@ class RuntimeSettings(Settings):
 
 
 @dataclass(frozen=True)
-class SamplingSettings(Settings):
+class SamplerChoice(Settings):
+    """The sampling flags SamplingSettings and GuidedSamplingSettings share: sampler, steps, eta."""
+
     TITLE = "sampling (diffusion.py)"
     sampler: str = setting("ddim", "reverse process: ddpm (all T steps), ddim or dpm++2m", choices=SAMPLERS)
     steps: int | None = setting(
         None, "model evaluations from t down to 0 (default: min(50, t+1); ddpm always t+1)", positive_int
     )
     eta: float = setting(0.0, "DDIM eta (0: deterministic, 1: DDPM's posterior variance)", non_negative_float)
+
+
+@dataclass(frozen=True)
+class SamplingSettings(SamplerChoice):
     guidance: float = setting(
         1.0, "classifier-free guidance scale (class-conditional models)", non_negative_float
     )
 
 
 @dataclass(frozen=True)
-class GuidedSamplingSettings(SamplingSettings):
+class GuidedSamplingSettings(SamplerChoice):
     """vizu_MNIST.py's sampling flags: --guidance may list several scales, each drawn in turn."""
 
     guidance: tuple[float, ...] = setting(
@@ -357,114 +356,3 @@ class VisualisationSettings(Settings):
     out_dir: str = setting("step_outputs_mnist", "where images, CSVs and plots go")
     seed: int = setting(0, "seed for the image choice, the noise and the sampler", seed_number)
     device: str = setting("auto", "auto | cpu | cuda[:N]")
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "gpu": {},
-    "cpu": {
-        "model_channels": 16,
-        "channel_mult": (1, 2, 4, 4),
-        "num_res_blocks": 1,
-        "attn_resolutions": (4,),
-        "dropout": 0.0,
-        "prediction": "v",
-        "min_snr_gamma": 5.0,
-        "lr": 2e-3,
-        "warmup_steps": 100,
-        "ema_decay": 0.999,
-        "batch_size": 128,
-        "amp": "bf16",
-    },
-    "cifar10": {
-        "data": "cifar10",
-        "model_channels": 128,
-        "channel_mult": (1, 2, 2, 2),
-        "num_res_blocks": 2,
-        "attn_resolutions": (16,),
-        "dropout": 0.1,
-        "scale_shift_norm": False,  # Ho et al.'s residual block adds the embedding
-        "schedule": "linear",
-        "prediction": "eps",
-        "lr": 2e-4,
-        "lr_schedule": "constant",
-        "warmup_steps": 5000,
-        "batch_size": 128,
-        "ema_decay": 0.9999,
-        "epochs": 2052,  # 390 steps per epoch: enough for the 800k steps
-        "max_steps": 800_000,
-        "hflip": True,
-    },
-}
-DEFAULT_PRESET = "gpu"
-
-
-def presets_help() -> str:
-    """The --help epilog: each preset's values as flags."""
-    lines = ["presets (flags given explicitly override them):"]
-    for name, values in PRESETS.items():
-        flags = " ".join(_flag_text(key, value) for key, value in values.items())
-        lines.append(f"  {name}: {flags or 'the defaults above'}")
-    return "\n".join(lines)
-
-
-def _flag_text(key: str, value: Any) -> str:
-    """One preset value as the flag that sets it: --hflip, --no-hflip, --channel-mult 1,2,2."""
-    flag = key.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{flag}" if value else f"--no-{flag}"
-    return f"--{flag} " + (",".join(map(str, value)) if isinstance(value, tuple) else str(value))
-
-
-@dataclass(frozen=True)
-class TrainingJob:
-    """Everything `train_MNIST.py`'s flags say: what to train, how, where it runs and where it writes."""
-
-    data: DataSettings = DataSettings()
-    model: ModelSettings = ModelSettings()
-    diffusion: DiffusionSettings = DiffusionSettings()
-    training: TrainingSettings = TrainingSettings()
-    runtime: RuntimeSettings = RuntimeSettings()
-    run: RunSettings = RunSettings()
-    preset: str = DEFAULT_PRESET
-
-    PARTS: ClassVar[dict[str, type[Settings]]] = {
-        "data": DataSettings,
-        "model": ModelSettings,
-        "diffusion": DiffusionSettings,
-        "training": TrainingSettings,
-        "runtime": RuntimeSettings,
-        "run": RunSettings,
-    }
-
-    @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="a set of defaults (see below)"
-        )
-        for part in cls.PARTS.values():
-            part.add_flags(parser)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainingJob:
-        parts = {name: part.from_args(args) for name, part in cls.PARTS.items()}
-        return cls(**parts, preset=args.preset)
-
-    def plain(self) -> dict[str, Any]:
-        """Every resolved setting as plain values (tuples as lists), for the checkpoint's config."""
-        return _plain(asdict(self))
-
-
-def training_job_from_flags(argv: list[str], description: str | None = None) -> TrainingJob:
-    """The TrainingJob that `train_MNIST.py ARGV` runs (presets applied): the script's parser, also
-    for code that trains as that command does."""
-    from ddpm.plumbing.cli import OneLineErrorParser, parse_with_preset
-
-    parser = OneLineErrorParser(prog="train_MNIST.py", description=description, epilog=presets_help())
-    TrainingJob.add_flags(parser)
-    return TrainingJob.from_args(parse_with_preset(parser, argv, PRESETS, DEFAULT_PRESET))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return list(value) if isinstance(value, tuple | list) else value

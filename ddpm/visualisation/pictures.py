@@ -44,7 +44,7 @@ def image_grid(images: torch.Tensor, columns: int, padding: int = GRID_PADDING) 
 def grid_picture(images: torch.Tensor, columns: int, scale: int = GRID_SCALE) -> Image.Image:
     """image_grid as a PIL image, upscaled by `scale` (nearest neighbour) for viewing."""
     grid = Image.fromarray(image_grid(images, columns))
-    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
 
 
 def save_image_grid(
@@ -214,8 +214,8 @@ def save_training_curves(rows: list[dict], path: Path) -> None:
         for label, color in zip(labels, ("tab:blue", "tab:green"), strict=False):
             for prefix, style, name in (("", "-o", "samples"), ("floor_", "--", "floor (real train)")):
                 values = np.array([row[f"{prefix}{label}_{key}"] for row in rows], dtype=float)
-                errors = [row[f"{prefix}{label}_{key}_std"] for row in rows]
-                errors = None if "" in errors else np.array(errors, dtype=float)
+                stds = [row[f"{prefix}{label}_{key}_std"] for row in rows]
+                errors = None if "" in stds else np.array(stds, dtype=float)
                 axis.errorbar(
                     epochs, values, yerr=errors, fmt=style, color=color, capsize=3, label=f"{label} {name}"
                 )

@@ -23,9 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ddpm.evaluation.classifier import class_probabilities
-from diffusion import GaussianDiffusion, SamplerStep
 from ddpm.evaluation.image_metrics import mse, ssim
 from ddpm.plumbing.settings import SamplingSettings
+from diffusion import GaussianDiffusion, SamplerStep
 
 FINISHED_T = -1  # the t that samplers report for the finished image
 

@@ -21,17 +21,20 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from ddpm.plumbing.checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
-from ddpm.evaluation.classifier import data_label, default_classifier_path, load_classifier
 from ddpm.datasets.sources import load_images, shape_options, spread_over_classes
-from diffusion import GaussianDiffusion
+from ddpm.evaluation.classifier import data_label, default_classifier_path, load_classifier
+from ddpm.plumbing.checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
 from ddpm.plumbing.messages import UserError, note
 from ddpm.plumbing.output_files import writable_dir, write_csv
+from ddpm.plumbing.runtime import resolve_device, seed_everything
+from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
+from ddpm.sampling import check_sampling, reconstruction_sweep, sweep_timesteps
 from ddpm.visualisation.pictures import (
     save_change_curve,
     save_commitment_plot,
@@ -41,9 +44,6 @@ from ddpm.visualisation.pictures import (
     save_strip,
     save_sweep_plot,
 )
-from ddpm.plumbing.runtime import resolve_device, seed_everything
-from ddpm.sampling import check_sampling, reconstruction_sweep, sweep_timesteps
-from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
 from ddpm.visualisation.trajectories import (
     Trajectory,
     add_class_probabilities,
@@ -51,6 +51,7 @@ from ddpm.visualisation.trajectories import (
     generation_trajectory,
     reconstruction_trajectory,
 )
+from diffusion import GaussianDiffusion
 
 COMMITMENT_HEADER = ["guidance", "image", "label", "final_class", "decided_t", "decided_step"]
 
@@ -89,7 +90,7 @@ def chosen_test_images(
 def write_metrics_csv(trajectory: Trajectory, path: Path, image_ids: list[int]) -> None:
     """One row per (step, image): step number, t, image id, then every metric."""
     names = list(trajectory.metrics)
-    rows = [["step", "t", "image", *names]]
+    rows: list[list[object]] = [["step", "t", "image", *names]]
     for step, t in enumerate(trajectory.timesteps):
         for column, image in enumerate(image_ids):
             rows.append([step, t, image, *(f"{trajectory.metrics[n][step, column]:.6g}" for n in names)])
@@ -107,11 +108,12 @@ def commitment_judge(
     settings: VisualisationSettings, data: DataSettings, config: dict, device: torch.device
 ) -> nn.Module | None:
     """The classifier that says which digit x0-hat is (the shipped one for MNIST, or one made before
-    by ddpm.evaluation.train_classifier or eval_MNIST.py), unless --no-commitment; None, with a note, if none."""
+    by ddpm.evaluation.train_classifier or eval_MNIST.py), unless --no-commitment; None, with a note,
+    if none."""
     if not settings.commitment:
         return None
     name, data_dir = data.source_or(data_source(config))
-    path = default_classifier_path(name, data_dir, tuple(image_shape(config)))
+    path = default_classifier_path(name, data_dir, image_shape(config))
     if not path.is_file():
         flags = classifier_flags(name, data_dir, image_shape(config))
         note(
@@ -269,17 +271,18 @@ def check_mode(
     sampling: GuidedSamplingSettings,
     diffusion: GaussianDiffusion,
     model: nn.Module,
-):
+) -> None:
     """One-line errors for flags the chosen mode cannot run, before any image is loaded."""
+    num_classes = cast(int | None, model.num_classes)
     if len(sampling.guidance) > 1 and not settings.generate:
         raise UserError("several --guidance values are for --generate; reconstruct with one")
     for guidance in sampling.guidance:
         plain = sampling.at(guidance)
         if settings.t_sweep:
             for t in sweep_timesteps(settings.sweep_t, diffusion.T, "--sweep-t"):
-                check_sampling(diffusion, plain, model.num_classes, t if plain.sampler == "ddpm" else None)
+                check_sampling(diffusion, plain, num_classes, t if plain.sampler == "ddpm" else None)
         else:
-            check_sampling(diffusion, plain, model.num_classes, None if settings.generate else settings.t)
+            check_sampling(diffusion, plain, num_classes, None if settings.generate else settings.t)
 
 
 def visualise(settings: VisualisationSettings, sampling: GuidedSamplingSettings, data: DataSettings) -> str:

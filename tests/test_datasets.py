@@ -1,4 +1,5 @@
-"""Richer data on the real loading code: a tiny CIFAR-10 archive in torchvision's pickle layout, a
+"""The data sets on the real loading code: IDX files (round trip, the byte layout, broken files), the
+MNIST-5k split, the one-line offline errors, a tiny CIFAR-10 archive in torchvision's pickle layout, a
 folder of PNGs with two class sub-folders, IDX files of 20x20 images and a tiny CelebA folder, all
 made here. Each trains a few steps, resumes, evaluates and draws at its own shape; broken data files
 are one line naming the file before any training starts; the U-Net keeps any size.
@@ -10,6 +11,8 @@ import gzip
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +21,126 @@ import torch
 from helpers import TINY_UNET_FLAGS
 from PIL import Image
 
-from ddpm.evaluation import classifier
-from ddpm.datasets import sources as data_sources
 import eval_MNIST
 import vizu_MNIST
+from ddpm.datasets import sources
+from ddpm.datasets.checks import DataUnavailableError
+from ddpm.datasets.cifar import CIFAR_DIR
+from ddpm.datasets.idx import read_idx, write_idx
+from ddpm.datasets.sources import flips_by_default, load_images, load_pixels, random_hflip
+from ddpm.evaluation import classifier
 from ddpm.plumbing.checkpointing import build_model, image_shape, load_checkpoint
 from ddpm.plumbing.cli import run_cli
-from ddpm.datasets.sources import DataUnavailableError, load_pixels, random_hflip, write_idx
+from ddpm.plumbing.presets import training_job_from_flags
 from model import UNet, count_parameters
-from ddpm.plumbing.settings import training_job_from_flags
 from train_MNIST import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----- IDX files, MNIST-5k and the offline errors --------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_idx_round_trip_through_a_data_dir(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    images = {
+        split: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for split, n in (("train", 7), ("t10k", 3))
+    }
+    for prefix, array in images.items():
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", array)
+        write_idx(
+            tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", np.arange(len(array), dtype=np.uint8) % 10
+        )
+    np.testing.assert_array_equal(read_idx(tmp_path / f"train-images-idx3-ubyte{suffix}"), images["train"])
+    test_images, test_labels = load_images(split="test", data_dir=tmp_path)
+    assert test_images.shape == (3, 1, 28, 28) and test_labels.tolist() == [0, 1, 2]
+    expected = torch.from_numpy(images["t10k"]).float().div(127.5).sub(1).unsqueeze(1)
+    torch.testing.assert_close(test_images, expected)
+
+
+def test_idx_files_follow_the_published_byte_layout(tmp_path):
+    """Files written by hand from the format's description (00 00, a type byte, the number of
+    dimensions, each dimension as a big-endian uint32, then the values, big-endian) read back, and
+    write_idx writes the same bytes for uint8."""
+    dimensions = b"".join(size.to_bytes(4, "big") for size in (2, 3, 4))
+    raw = bytes([0, 0, 0x08, 3]) + dimensions + bytes(range(24))  # 0x08: unsigned byte
+    (tmp_path / "bytes").write_bytes(raw)
+    np.testing.assert_array_equal(read_idx(tmp_path / "bytes"), np.arange(24).reshape(2, 3, 4))
+    write_idx(tmp_path / "written", np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
+    assert (tmp_path / "written").read_bytes() == raw
+    shorts = bytes([0, 0, 0x0B, 1, 0, 0, 0, 2]) + bytes([0xFF, 0xFE, 0x01, 0x2C])  # 0x0B: int16
+    (tmp_path / "shorts").write_bytes(shorts)
+    assert read_idx(tmp_path / "shorts").tolist() == [-2, 300]
+
+
+def test_truncated_idx_file_is_a_clear_error(tmp_path):
+    write_idx(tmp_path / "x", np.zeros((4, 28, 28), np.uint8))
+    (tmp_path / "y").write_bytes((tmp_path / "x").read_bytes()[:-10])
+    with pytest.raises(DataUnavailableError, match="truncated"):
+        read_idx(tmp_path / "y")
+
+
+def test_missing_idx_files_name_what_is_missing(tmp_path):
+    with pytest.raises(DataUnavailableError, match="train-images-idx3-ubyte"):
+        load_images(data_dir=tmp_path)
+
+
+def test_mnist_5k_split_is_stratified_disjoint_and_in_range():
+    train_images, train_labels = load_images("mnist-5k", "train")
+    test_images, test_labels = load_images("mnist-5k", "test")
+    assert train_images.shape == (4000, 1, 28, 28) and test_images.shape == (1000, 1, 28, 28)
+    assert train_images.dtype == torch.float32
+    assert train_images.min().item() == -1.0 and train_images.max().item() == 1.0
+    assert torch.bincount(train_labels).tolist() == [400] * 10
+    assert torch.bincount(test_labels).tolist() == [100] * 10
+    train_rows = {row.numpy().tobytes() for row in train_images.flatten(1)}
+    assert not any(row.numpy().tobytes() in train_rows for row in test_images.flatten(1))
+    # deterministic: a second load is identical
+    torch.testing.assert_close(load_images("mnist-5k", "test")[0], test_images)
+
+
+def test_offline_mnist_is_one_line_naming_the_ways_out(monkeypatch, tmp_path, capsys):
+    class OfflineMNIST:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr("torchvision.datasets.MNIST", OfflineMNIST)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: load_images("mnist", "train", root=tmp_path))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1
+    for way_out in ("--data mnist-5k", "--data-dir", "fashion-mnist"):
+        assert way_out in message
+
+
+def test_unknown_data_set_is_a_user_error():
+    with pytest.raises(DataUnavailableError, match="unknown data set"):
+        load_images("cifar")
+
+
+def test_fashion_falls_back_to_debian_idx_files(monkeypatch, tmp_path):
+    class OfflineFashion:
+        def __init__(self, *args, **kwargs):
+            raise OSError("no network")
+
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.full((2, 28, 28), 255, np.uint8))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.array([3, 4], np.uint8))
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST", OfflineFashion)
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path)
+    images, labels = load_images("fashion-mnist", "test")
+    assert labels.tolist() == [3, 4] and images.min().item() == 1.0
+
+
+def test_import_needs_no_network_or_gpu():
+    code = "import model, diffusion, ddpm.datasets.sources, ddpm.plumbing.checkpointing; print('ok')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+
 
 TINY_TRAINING = [*TINY_UNET_FLAGS, "--T", "10", "--batch-size", "4", "--log-every", "1", "--device", "cpu"]
 CIFAR_PER_BATCH, CIFAR_TEST = 2, 4
@@ -36,7 +149,7 @@ CIFAR_PER_BATCH, CIFAR_TEST = 2, 4
 def cifar_archive(root: Path) -> Path:
     """root/cifar-10-batches-py as torchvision extracts it: data_batch_1..5 (2 images each), test_batch
     (4) and batches.meta; image k of a batch is red k, green 100 + k, blue 200 + k everywhere."""
-    folder = root / data_sources.CIFAR_DIR
+    folder = root / CIFAR_DIR
     folder.mkdir(parents=True)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for index, name in enumerate(names):
@@ -96,7 +209,7 @@ def celeba_folder(root: Path) -> Path:
 
 def test_cifar_archive_loads_in_channel_order_through_data_dir_and_data_cifar10(tmp_path):
     cifar_archive(tmp_path)
-    for options in ({"data_dir": tmp_path / data_sources.CIFAR_DIR}, {"name": "cifar10", "root": tmp_path}):
+    for options in ({"data_dir": tmp_path / CIFAR_DIR}, {"name": "cifar10", "root": tmp_path}):
         pixels, labels = load_pixels(split="train", **options)
         assert pixels.shape == (10, 3, 32, 32) and pixels.dtype == torch.uint8
         assert pixels[1, :, 5, 7].tolist() == [1, 101, 201]  # CHW from the R, G, B planes of each row
@@ -129,7 +242,7 @@ def test_celeba_folder_is_split_centre_cropped_to_64_and_flipped_by_default(tmp_
     centre = train[2, :, 32, 32].int() - torch.tensor([20, 120, 200])
     assert centre.abs().max() <= 2  # a flat colour survives JPEG and the resize
     assert load_pixels("celeba", "test", root=tmp_path, image_size=16)[0].shape == (2, 3, 16, 16)
-    assert data_sources.flips_by_default("mnist", folder) and not data_sources.flips_by_default("mnist", None)
+    assert flips_by_default("mnist", folder) and not flips_by_default("mnist", None)
 
 
 def test_image_folder_classes_sizes_and_channels(tmp_path):
