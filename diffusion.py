@@ -3,8 +3,10 @@
 Follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (arXiv:2006.11239), with the
 cosine schedule of Nichol & Dhariwal 2021 (arXiv:2102.09672), DDIM of Song et al. 2021
 (arXiv:2010.02502), v-prediction of Salimans & Ho 2022 (arXiv:2202.00512), min-SNR weighting of
-Hang et al. 2023 (arXiv:2303.09556), DPM-Solver++ of Lu et al. 2022 (arXiv:2211.01095) and
-classifier-free guidance of Ho & Salimans 2022 (arXiv:2207.12598).
+Hang et al. 2023 (arXiv:2303.09556), DPM-Solver++ of Lu et al. 2022 (arXiv:2211.01095), the Heun
+sampler of Karras et al. 2022 (arXiv:2206.00364), classifier-free guidance of Ho & Salimans 2022
+(arXiv:2207.12598), and two edits of real images: DDIM inversion (Song et al., section 4.3) and
+RePaint inpainting (Lugmayr et al. 2022, arXiv:2201.09865).
 
 Timestep convention (one for the whole repo): t is an integer index in {0, ..., T-1}, and index t
 is the paper's step t+1. So `betas[0]` is the paper's beta_1, `alphas_cumprod[t]` is alpha_bar_{t+1},
@@ -30,8 +32,13 @@ from torch import nn
 
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("eps", "v")
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-DEFAULT_FAST_STEPS = 50  # model evaluations of DDIM and DPM-Solver++ when steps is not given
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "heun")
+DEFAULT_FAST_STEPS = 50  # model evaluations of DDIM, DPM-Solver++ and Heun when steps is not given
+HEUN_MIN_LEVELS = 2  # Karras levels of the shortest Heun run: one Heun step, then Euler's to sigma = 0
+KARRAS_RHO = 7.0  # rho of Karras et al. eq. 5
+KARRAS_SIGMA_MAX = 80.0  # Karras et al.'s largest sigma (Table 1), in x / sqrt(alpha_bar) units
+REPAINT_JUMP_LENGTH, REPAINT_RESAMPLES = 10, 10  # j and r of Lugmayr et al., section 4.2
+SLERP_MIN_SIN = 1e-6  # below this sin(angle), slerp falls back to linear interpolation
 COSINE_OFFSET = 0.008  # s in Nichol & Dhariwal eq. 17
 MAX_BETA = 0.999  # clip of the cosine betas (Nichol & Dhariwal, section 3.2)
 LINEAR_BETA_START, LINEAR_BETA_END = 1e-4, 0.02  # Ho et al. section 4, scaled for T = 1000
@@ -259,7 +266,9 @@ class GaussianDiffusion(nn.Module):
 
         DDPM visits every step. DDIM visits `steps` evenly spaced ones that start at start_t and end
         at 0 (start_t = 999, 10 steps: 999, 888, ..., 111, 0). DPM-Solver++ spaces them evenly in
-        lambda = log(alpha / sigma) (see _log_snr_uniform_timesteps).
+        lambda = log(alpha / sigma) (see _log_snr_uniform_timesteps). Heun lists its evaluations (see
+        _heun_timesteps): a level appears twice where a Heun step lands on it. The list's length is
+        always the number of model evaluations.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {SAMPLERS}")
@@ -270,8 +279,11 @@ class GaussianDiffusion(nn.Module):
                 raise ValueError(f"ddpm runs every step ({start_t + 1} here); use ddim for fewer")
             return list(range(start_t, -1, -1))
         steps = min(DEFAULT_FAST_STEPS, start_t + 1) if steps is None else steps
-        if not 1 <= steps <= start_t + 1:
-            raise ValueError(f"steps must be in [1, {start_t + 1}] to start at t={start_t}, got {steps}")
+        fewest, most = self._heun_step_range(start_t) if sampler == "heun" else (1, start_t + 1)
+        if not fewest <= steps <= most:
+            raise ValueError(f"steps must be in [{fewest}, {most}] to start at t={start_t}, got {steps}")
+        if sampler == "heun":
+            return self._heun_timesteps(steps, start_t)
         if steps == 1:
             return [start_t]
         if sampler == "ddim":
@@ -287,11 +299,60 @@ class GaussianDiffusion(nn.Module):
         and the first step stays at start_t. Indices that round together are moved apart, so the
         list is strictly decreasing; 2 <= steps <= start_t + 1.
         """
-        lambdas = 0.5 * np.log(self.alphas_cumprod_float64 / (1 - self.alphas_cumprod_float64))
+        lambdas = self._log_snrs_half()
         top = start_t
         if self.schedule == "cosine":
             top = min(start_t, math.floor(COSINE_SOLVER_END * self.T) - 1)
-        targets = np.linspace(lambdas[top], lambdas[0], steps)
+        return self._nearest_distinct_timesteps(np.linspace(lambdas[top], lambdas[0], steps), start_t, top)
+
+    def _karras_top(self, start_t: int) -> int:
+        """The trained step of the nearest sigma (in log-sigma) to min(sigma at start_t, 80), 80 being
+        Karras et al.'s sigma_max (Table 1): start_t itself unless the chain starts above sigma = 80, as
+        it does at T-1 of both schedules (cosine: sigma = 2.0e4, its last beta clipped; linear: 157)."""
+        target = -math.log(min(self._sigma(start_t), KARRAS_SIGMA_MAX))  # lambda = -log(sigma)
+        return int(np.argmin(np.abs(self._log_snrs_half()[: start_t + 1] - target)))
+
+    def _heun_step_range(self, start_t: int) -> tuple[int, int]:
+        """Fewest and most evaluations heun can make from start_t: HEUN_MIN_LEVELS to top + 1 Karras
+        levels (top = _karras_top), plus the entry step when top < start_t, within start_t + 1."""
+        top = self._karras_top(start_t)
+        entry = int(top < start_t)
+        return 2 * HEUN_MIN_LEVELS - 1 + entry, min(start_t + 1, 2 * top + 2 + entry)
+
+    def _heun_timesteps(self, steps: int, start_t: int) -> list[int]:
+        """Heun's evaluations: N Karras levels k_0 > ... > k_{N-1} = 0 from k_0 = _karras_top(start_t)
+        (_karras_timesteps), evaluated [k_0, k_1, k_1, ..., k_{N-1}, k_{N-1}]: each step k_i -> k_{i+1}
+        evaluates at k_i (Euler) and at k_{i+1} (Heun's correction), the last, to sigma = 0, only at
+        k_{N-1} (Karras et al. Algorithm 1): 2N - 1 evaluations. When k_0 < start_t, one Euler (DDIM)
+        step from start_t enters first, evaluated at start_t: 2N evaluations. Karras' sampler never
+        takes that step (it starts at sigma = 80), and a Heun step across it would multiply the
+        float32 rounding of its Euler point by |h| / (2 sigma_next), 125 from the cosine schedule's
+        T-1 to sigma = 80. So N = (steps + 1 - entry) // 2: the evaluations are steps, or steps - 1.
+        """
+        top = self._karras_top(start_t)
+        entry = [start_t] if top < start_t else []
+        levels = self._karras_timesteps((steps + 1 - len(entry)) // 2, top)
+        return entry + levels[:1] + [t for t in levels[1:] for _ in range(2)]
+
+    def _karras_timesteps(self, levels: int, top: int) -> list[int]:
+        """`levels` noise levels from top to 0, spaced as Karras et al. eq. 5 (rho = 7):
+        sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, where
+        sigma = sqrt((1 - alpha_bar) / alpha_bar), sigma_max = sigma at top and sigma_min = sigma at 0.
+
+        Each sigma_i is rounded to the trained timestep of the nearest sigma in log-sigma (EDM's
+        generate.py rounds to a discrete model's sigmas too), then moved apart as in
+        _nearest_distinct_timesteps: the model only sees timesteps it was trained on, and the levels
+        strictly decrease from top to 0; 2 <= levels <= top + 1.
+        """
+        root_max, root_min = self._sigma(top) ** (1 / KARRAS_RHO), self._sigma(0) ** (1 / KARRAS_RHO)
+        sigmas = (root_max + np.linspace(0, 1, levels) * (root_min - root_max)) ** KARRAS_RHO
+        return self._nearest_distinct_timesteps(-np.log(sigmas), top, top)  # lambda = -log(sigma)
+
+    def _nearest_distinct_timesteps(self, targets: np.ndarray, start_t: int, top: int) -> list[int]:
+        """Each target lambda rounded to the index (at most top) of the nearest lambda_t; start_t first,
+        0 last, and indices that round together moved apart so the list strictly decreases."""
+        lambdas = self._log_snrs_half()
+        steps = len(targets)
         timesteps = [int(np.argmin(np.abs(lambdas[: top + 1] - target))) for target in targets]
         timesteps[0], timesteps[-1] = start_t, 0
         for i in range(1, steps):  # strictly below the step before
@@ -316,20 +377,27 @@ class GaussianDiffusion(nn.Module):
         start_t: int | None = None,
         clip_x0: bool = True,
         image_shape: tuple[int, int, int] | None = None,
+        s_churn: float = 0.0,
     ) -> Iterator[SamplerStep]:
         """Run the reverse process, yielding a SamplerStep at each model evaluation, then the result.
 
         Starts from x_start at start_t (default: n images of pure noise [n, *image_shape] at t = T-1).
-        Samplers: "ddpm" (Algorithm 2), "ddim" (DDIM eq. 12 with eta) and "dpm++2m" (DPM-Solver++(2M)).
+        Samplers: "ddpm" (Algorithm 2), "ddim" (DDIM eq. 12 with eta), "dpm++2m" (DPM-Solver++(2M))
+        and "heun" (Karras et al. Algorithm 1, or Algorithm 2 with S_churn = s_churn > 0).
         """
         start_t = self.T - 1 if start_t is None else start_t
         timesteps = self.timesteps(sampler, steps, start_t)
+        if s_churn < 0:
+            raise ValueError(f"s_churn must be >= 0, got {s_churn}")
         device = self.betas.device
         if x_start is None:
             if n is None or image_shape is None:
                 raise ValueError("sampling from pure noise needs n and image_shape (C, H, W)")
             x_start = torch.randn((n, *image_shape), generator=generator, device=device)
         x_t = x_start.to(device)
+        if sampler == "heun":
+            yield from self._heun_steps(model, x_t, timesteps, s_churn, generator, labels, guidance, clip_x0)
+            return
         previous_x0 = None
         for index, t in enumerate(timesteps):
             t_prev = timesteps[index + 1] if index + 1 < len(timesteps) else -1
@@ -415,6 +483,210 @@ class GaussianDiffusion(nn.Module):
         """lambda_t = log(alpha_t / sigma_t) = 0.5 * log(alpha_bar / (1 - alpha_bar))."""
         alpha_bar = self._alpha_bar(t)
         return 0.5 * math.log(alpha_bar / (1 - alpha_bar))
+
+    def _sigma(self, t: int) -> float:
+        """Karras' sigma of the VP process at index t: sqrt((1 - alpha_bar) / alpha_bar), 0 at t = -1."""
+        alpha_bar = self._alpha_bar(t)
+        return math.sqrt((1 - alpha_bar) / alpha_bar)
+
+    def _heun_steps(
+        self, model, x_t, timesteps: list[int], s_churn: float, generator, labels, guidance, clip_x0
+    ) -> Iterator[SamplerStep]:
+        """Karras et al. Algorithm 1 (Algorithm 2 when s_churn > 0, with S_tmin = 0, S_tmax = inf,
+        S_noise = 1) on y = x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps, the VP chain in the sigma
+        domain, through the levels of _heun_timesteps and then sigma = 0. A step is Heun's where its
+        target is evaluated twice in `timesteps`, else Euler's (the last one, and the entry step).
+
+        Yields a SamplerStep at each evaluation (x_t back in the VP scale), then the result.
+        """
+        levels = list(dict.fromkeys(timesteps))  # each level once, in order
+        entry = int(self._karras_top(levels[0]) < levels[0])  # 1: levels[0] is the entry step's start
+        gamma = min(s_churn / (len(levels) - entry), math.sqrt(2) - 1)  # Algorithm 2, line 4
+        y = x_t / math.sqrt(self._alpha_bar(levels[0]))
+        for i, t in enumerate(levels):
+            t_next = levels[i + 1] if i + 1 < len(levels) else -1
+            if gamma > 0 and i >= entry:
+                t, y = self._churn(y, t, gamma, generator)
+            slope, step = self._karras_slope(model, y, t, labels, guidance, clip_x0)
+            yield step
+            h = self._sigma(t_next) - self._sigma(t)
+            y_next = y + h * slope  # Euler step (Algorithm 1, line 5)
+            if timesteps.count(t_next) == 2:  # second-order correction (lines 6-8)
+                slope_next, step = self._karras_slope(model, y_next, t_next, labels, guidance, clip_x0)
+                yield step
+                y_next = y + h * (slope + slope_next) / 2
+            y = y_next
+        yield SamplerStep(-1, y, y)
+
+    def _karras_slope(self, model, y, t: int, labels, guidance, clip_x0) -> tuple[torch.Tensor, SamplerStep]:
+        """dy/dsigma = (y - D(y; sigma_t)) / sigma_t (Karras et al. eq. 3 with sigma(t) = t, s(t) = 1),
+        where the denoiser D is the model's x0_hat at x_t = sqrt(alpha_bar_t) y (which makes dy/dsigma
+        the model's eps_hat when x0_hat is not clipped); also the SamplerStep of this evaluation."""
+        x_t = math.sqrt(self._alpha_bar(t)) * y
+        pred_x0 = self._predict_x0_at(model, x_t, t, labels, guidance, clip_x0)
+        return (y - pred_x0) / self._sigma(t), SamplerStep(t, x_t, pred_x0)
+
+    def _churn(self, y: torch.Tensor, t: int, gamma: float, generator) -> tuple[int, torch.Tensor]:
+        """Algorithm 2, lines 5-7: raise the noise to sigma_hat = (1 + gamma) sigma_t, rounded to the
+        trained timestep t_hat >= t of the nearest sigma in log-sigma, by adding
+        sqrt(sigma_hat^2 - sigma_t^2) eps; returns (t_hat, y_hat)."""
+        log_sigmas = -self._log_snrs_half()[t:]
+        t_hat = t + int(np.argmin(np.abs(log_sigmas - math.log((1 + gamma) * self._sigma(t)))))
+        extra = math.sqrt(self._sigma(t_hat) ** 2 - self._sigma(t) ** 2)
+        return t_hat, y + extra * _randn_like(y, generator)
+
+    def _log_snrs_half(self) -> np.ndarray:
+        """lambda_t for every trained t: [T] float64 (Karras' log sigma is -lambda)."""
+        return 0.5 * np.log(self.alphas_cumprod_float64 / (1 - self.alphas_cumprod_float64))
+
+    # ----- editing real images: DDIM inversion and RePaint ----------------------------------------
+
+    @torch.no_grad()
+    def ddim_invert_progressive(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        steps: int | None = None,
+        end_t: int | None = None,
+        labels: torch.Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> Iterator[SamplerStep]:
+        """DDIM inversion (Song et al. 2021, section 4.3): DDIM eq. 12 with eta = 0 run from x_0 (t = -1)
+        up to x_{end_t} (default T-1), through DDIM's timesteps for `steps` in reverse.
+
+        The step up from level t uses the model's eps_hat at (x_t, t), at the clean end at (x_0, 0): the
+        Euler step of the ODE that DDIM's decoding steps down with. So decoding with
+        sample_progressive(model, sampler="ddim", steps=steps, eta=0, clip_x0=False, x_start=x_{end_t},
+        start_t=end_t) retraces the same timesteps and returns x_0 up to an error that falls with the
+        steps. Nothing is clipped (a clipped x0_hat cannot be inverted). x0: [B, C, H, W]. Yields a
+        SamplerStep at each of the `steps` evaluations, then (end_t, x_{end_t}, the last x0_hat).
+        """
+        end_t = self.T - 1 if end_t is None else end_t
+        levels = [-1, *reversed(self.timesteps("ddim", steps, end_t))]
+        x_t = x0
+        for t, t_next in zip(levels[:-1], levels[1:], strict=True):
+            pred_x0 = self._predict_x0_at(model, x_t, max(t, 0), labels, guidance, clip_x0=False)
+            yield SamplerStep(t, x_t, pred_x0)
+            x_t = self._ddim_inverse_update(x_t, pred_x0, t, t_next)
+        yield SamplerStep(end_t, x_t, pred_x0)
+
+    def ddim_invert(
+        self, model: nn.Module, x0: torch.Tensor, steps: int | None = None, **kwargs
+    ) -> torch.Tensor:
+        """Run ddim_invert_progressive to the end and return the encoding x_{end_t}: [B, C, H, W]."""
+        return final_sample(self.ddim_invert_progressive(model, x0, steps, **kwargs))
+
+    def _ddim_inverse_update(self, x_t, pred_x0, t: int, t_next: int) -> torch.Tensor:
+        """DDIM eq. 12 (eta = 0) in its eps form, run upwards from t to t_next > t:
+        x_next = sqrt(ab_next) (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) + sqrt(1 - ab_next) eps, with the
+        eps_hat of the evaluation at max(t, 0); at t = -1 (ab = 1) the bracket is x_0 itself."""
+        alpha_bar_model = self._alpha_bar(max(t, 0))
+        eps = (x_t - math.sqrt(alpha_bar_model) * pred_x0) / math.sqrt(1 - alpha_bar_model)
+        alpha_bar, alpha_bar_next = self._alpha_bar(t), self._alpha_bar(t_next)
+        x0_part = (x_t - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+        return math.sqrt(alpha_bar_next) * x0_part + math.sqrt(1 - alpha_bar_next) * eps
+
+    @torch.no_grad()
+    def repaint_progressive(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        mask: torch.Tensor,
+        levels: int | None = None,
+        jump_length: int = REPAINT_JUMP_LENGTH,
+        resamples: int = REPAINT_RESAMPLES,
+        generator: torch.Generator | None = None,
+        labels: torch.Tensor | None = None,
+        guidance: float = 1.0,
+        clip_x0: bool = True,
+    ) -> Iterator[SamplerStep]:
+        """RePaint inpainting (Lugmayr et al. 2022, Algorithm 1 with the jumps of section 4.2).
+
+        x0: [B, C, H, W] images; mask: broadcastable to x0, 1 where x0 is known (kept), 0 where it is
+        generated. The chain descends through `levels` noise levels (the paper's T; default every
+        trained timestep, else DDIM's evenly spaced timesteps) along repaint_schedule: each move down is
+        the ancestral step (DDIM eq. 16 with eta = 1, the DDPM posterior of eq. 7) for the unknown
+        region joined with q_sample of x0 for the known one, each move up a forward jump
+        q(x_next | x_t). Yields a SamplerStep at each model evaluation, then the result, which equals
+        x0 where mask is 1.
+        """
+        ladder = self.timesteps("ddim", self.T if levels is None else levels, self.T - 1)[::-1]
+        schedule = repaint_schedule(len(ladder), jump_length, resamples)
+        mask = mask.to(x0)
+        x_t = _randn_like(x0, generator)  # x_T ~ N(0, I) (line 1)
+        for level, level_next in zip(schedule[:-1], schedule[1:], strict=True):
+            t, t_next = ladder[level], (ladder[level_next] if level_next >= 0 else -1)
+            if level_next > level:
+                x_t = self._forward_jump(x_t, t, t_next, generator)  # line 9
+                continue
+            pred_x0 = self._predict_x0_at(model, x_t, t, labels, guidance, clip_x0)
+            yield SamplerStep(t, x_t, pred_x0)
+            unknown = self._ddim_update(x_t, pred_x0, t, t_next, 1.0, generator)  # line 7
+            known = self._noised_to(x0, t_next, generator)  # line 5
+            x_t = mask * known + (1 - mask) * unknown  # line 8
+        yield SamplerStep(-1, x_t, x_t)
+
+    def repaint(self, model: nn.Module, x0: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Run repaint_progressive to the end and return the inpainted images [B, C, H, W]."""
+        return final_sample(self.repaint_progressive(model, x0, mask, **kwargs))
+
+    def _noised_to(self, x0: torch.Tensor, t: int, generator) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) (eq. 4) at one timestep t for the whole batch; x0 itself at t = -1."""
+        if t < 0:
+            return x0
+        alpha_bar = self._alpha_bar(t)
+        return math.sqrt(alpha_bar) * x0 + math.sqrt(1 - alpha_bar) * _randn_like(x0, generator)
+
+    def _forward_jump(self, x_t: torch.Tensor, t: int, t_next: int, generator) -> torch.Tensor:
+        """x_next ~ q(x_next | x_t) = N(sqrt(ab_next / ab_t) x_t, (1 - ab_next / ab_t) I) for t_next > t:
+        eq. 2, q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), across the steps between."""
+        ratio = self._alpha_bar(t_next) / self._alpha_bar(t)
+        return math.sqrt(ratio) * x_t + math.sqrt(1 - ratio) * _randn_like(x_t, generator)
+
+
+def repaint_schedule(
+    levels: int, jump_length: int = REPAINT_JUMP_LENGTH, resamples: int = REPAINT_RESAMPLES
+) -> list[int]:
+    """The levels RePaint's chain visits (Lugmayr et al. 2022, section 4.2; get_schedule_jump in its
+    code), from levels - 1 (pure noise) to -1 (the clean end), one level per move.
+
+    Each time the descent reaches a level j in {0, J, 2J, ...} below levels - J (J = jump_length), it
+    jumps back up J levels and descends again, resamples - 1 times for each such j. With
+    k = ceil(levels / J) - 1 such levels, the chain makes levels + k J (resamples - 1) moves down (model
+    evaluations) and k J (resamples - 1) moves up.
+    """
+    if levels < 1 or jump_length < 1 or resamples < 1:
+        raise ValueError(
+            f"levels, jump_length and resamples must be >= 1, got {levels}, {jump_length}, {resamples}"
+        )
+    jumps_left = {j: resamples - 1 for j in range(0, levels - jump_length, jump_length)}
+    level, schedule = levels - 1, [levels - 1]
+    while level >= 0:
+        level -= 1
+        schedule.append(level)
+        if jumps_left.get(level, 0) > 0:
+            jumps_left[level] -= 1
+            schedule.extend(range(level + 1, level + jump_length + 1))
+            level += jump_length
+    return schedule
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of latents, as the DDIM paper interpolates x_T (Song et al. 2021,
+    appendix D.5): sin((1 - alpha) theta) / sin(theta) z0 + sin(alpha theta) / sin(theta) z1, with theta
+    the angle between z0 and z1 per sample. z0, z1: [B, C, H, W] (B may be 1 on either); alpha: a
+    float or [B]. alpha = 0 gives z0 and alpha = 1 gives z1 exactly; (anti)parallel pairs, where
+    sin(theta) vanishes, are interpolated linearly.
+    """
+    z0, z1 = torch.broadcast_tensors(z0, z1)
+    per_sample = (-1, *([1] * (z0.dim() - 1)))
+    cosine = F.cosine_similarity(z0.flatten(1), z1.flatten(1), dim=1).clamp(-1, 1)
+    theta = torch.acos(cosine).reshape(per_sample)
+    alpha = torch.as_tensor(alpha, dtype=z0.dtype, device=z0.device).reshape(per_sample)
+    sin_theta = torch.sin(theta)
+    linear = (1 - alpha) * z0 + alpha * z1
+    spherical = torch.sin((1 - alpha) * theta) / sin_theta * z0 + torch.sin(alpha * theta) / sin_theta * z1
+    return torch.where(sin_theta > SLERP_MIN_SIN, spherical, linear)
 
 
 def final_sample(steps: Iterable[SamplerStep]) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Sampling steps against quality: classifier metrics and wall time of each sampler for one checkpoint.
 
 Runs DDPM with all T steps (Ho et al. 2020, arXiv:2006.11239, Algorithm 2), then DDIM (Song et al.
-2021, arXiv:2010.02502, eta = 0) and DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095) at each
-of --steps, all from the same starting noise, through sampling.generate_samples. Each set of samples
+2021, arXiv:2010.02502, eta = 0), DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095) and Heun
+(Karras et al. 2022, arXiv:2206.00364, Algorithm 1) at each of --steps model evaluations, all from
+the same starting noise, through sampling.generate_samples. Heun makes 2 evaluations per noise level,
+so it runs steps or steps - 1 of them (the table shows the count it made). Each set of samples
 is judged as eval_MNIST.py judges it (evaluation.classifier_scores: torch-fidelity with the data's
 classifier): classifier-FID against the test split, precision, recall and mean confidence, next to
 as many real training images (the floor).
@@ -32,7 +34,7 @@ from ddpm.plumbing.runtime import resolve_device, seed_everything, synchronize
 from ddpm.sampling import generate_samples
 from ddpm.plumbing.settings import SamplingSettings
 
-FEW_STEP_SAMPLERS = ("ddim", "dpm++2m")
+FEW_STEP_SAMPLERS = ("ddim", "dpm++2m", "heun")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps",
         type=positive_int_tuple,
         default="10,20,50,100",
-        help="step counts for DDIM and DPM-Solver++",
+        help="model evaluations for DDIM, DPM-Solver++ and Heun",
     )
     add("--ddpm", action=argparse.BooleanOptionalAction, default=True, help="include DDPM with all T steps")
     add("--num-samples", type=positive_int, default=1000, help="samples judged per sampler and step count")
@@ -60,16 +62,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def runs(diffusion: GaussianDiffusion, args: argparse.Namespace) -> list[tuple[str, int | None]]:
     """(sampler, steps) pairs: DDPM with T steps first (if asked), then each few-step sampler.
 
-    A step count the sampler cannot run (diffusion.timesteps refuses it) is a UserError.
+    A step count the sampler cannot run (diffusion.timesteps refuses it) is a UserError, except one
+    too few for Heun (at least 2 noise levels: 3 or 4 evaluations), which only leaves Heun's row out.
     """
     pairs = [("ddpm", None)] if args.ddpm else []
     pairs += [(sampler, steps) for sampler in FEW_STEP_SAMPLERS for steps in args.steps]
+    runnable = []
     for sampler, steps in pairs:
         try:
             diffusion.timesteps(sampler, steps, diffusion.T - 1)
         except ValueError as error:
-            raise UserError(f"--steps: {error}") from None
-    return pairs
+            if sampler != "heun":  # DDIM, checked first, accepts every count up to T that Heun does
+                raise UserError(f"--steps: {error}") from None
+            print(f"note: heun skips --steps {steps}: {error}")
+            continue
+        runnable.append((sampler, steps))
+    return runnable
 
 
 def print_table(rows: list[dict], floor: dict, checkpoint: str) -> None:
