@@ -1,11 +1,13 @@
 """Train the DDPM U-Net on MNIST: AdamW, warm-up + cosine LR, EMA, bf16, DDP, resumable to the bit.
 
 Algorithm 1 of Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (arXiv:2006.11239), with
-the cosine schedule of Nichol & Dhariwal 2021 (arXiv:2102.09672); the loop is trainer.py's. On a GPU
-the defaults take the fast path (bf16, torch.compile with CUDA graphs, NHWC); on a CPU, eager fp32.
+the cosine schedule of Nichol & Dhariwal 2021 (arXiv:2102.09672); the loop is ddpm/training/loop.py's.
+On a GPU the defaults take the fast path (bf16, torch.compile with CUDA graphs, NHWC); on a CPU, eager
+fp32.
 
-Writes to --out-dir: last.pt (every epoch and at any stop), mnist_epoch_XX.pt (every --save-every
-epochs), train_log.csv, loss.png and samples_epoch_XX.png (EMA weights, fixed noise, DDIM 50 steps).
+Writes to --out-dir: last.pt (every epoch and at any stop), <data>_epoch_XX.pt (every --save-every
+epochs: mnist_epoch_XX.pt for MNIST and MNIST-5k, cifar10_epoch_XX.pt, the folder's name for
+--data-dir), train_log.csv, loss.png and samples_epoch_XX.png (EMA weights, fixed noise, DDIM 50 steps).
 Ctrl-C or SIGTERM saves last.pt and exits; `--resume latest` continues where the run stopped.
 
 Examples:
