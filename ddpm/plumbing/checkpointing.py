@@ -9,6 +9,10 @@ grad scaler, the position in the run and the RNG states for resuming (training_s
 Format versions: 1 (no image shape: read as 1 x 28 x 28, the LR scheduler's state saved) and 2 (this
 code). A checkpoint without a version is read as version 1; a newer one is refused in one line.
 
+A training run writes last.pt and <data>_epoch_XX.pt (`data_name`: mnist for MNIST and MNIST-5k, the
+data set's name, or the --data-dir folder's); `latest_checkpoint` takes last.pt, else the highest
+epoch whatever the name, so older runs' mnist_epoch_XX.pt still resume and evaluate.
+
 Example:
     model, diffusion, checkpoint = load_for_inference("checkpoints/last.pt", device, use_ema=True)
 """
