@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import sys
 
+from ddpm.evaluation.curves import evaluate_checkpoints
 from ddpm.plumbing.cli import OneLineErrorParser, run_cli
 from ddpm.plumbing.settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
-from ddpm.evaluation.curves import evaluate_checkpoints
 
 
 def parse_args(argv: list[str] | None):

@@ -1,7 +1,8 @@
 """Train the DDPM U-Net on MNIST: AdamW, warm-up + cosine LR, EMA, bf16, DDP, resumable to the bit.
 Algorithm 1 of Ho et al. 2020 (arXiv:2006.11239) with the cosine schedule of Nichol & Dhariwal 2021
-(arXiv:2102.09672). Writes last.pt, mnist_epoch_XX.pt, train_log.csv, loss.png and sample grids to
---out-dir; Ctrl-C saves last.pt, and --resume latest continues. Details: docs/training.md.
+(arXiv:2102.09672). Writes last.pt, <data>_epoch_XX.pt (mnist_epoch_XX.pt for MNIST), train_log.csv,
+loss.png and sample grids to --out-dir; Ctrl-C saves last.pt, and --resume latest continues. Details:
+docs/training.md.
 
 Examples:
     python train_MNIST.py                                              # 100 epochs of MNIST
@@ -15,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from ddpm.plumbing.cli import run_cli
-from ddpm.plumbing.settings import training_job_from_flags
+from ddpm.plumbing.presets import training_job_from_flags
 from ddpm.training.trainer import train
 
 

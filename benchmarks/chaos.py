@@ -29,15 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm.datasets.idx import write_idx
+from ddpm.datasets.sources import load_images
+from ddpm.evaluation.image_metrics import to_uint8
 from ddpm.plumbing.checkpointing import LAST_NAME, load_checkpoint
 from ddpm.plumbing.cli import OneLineErrorParser, non_negative_int, positive_int, run_cli
-from ddpm.datasets.sources import load_images, write_idx
-from ddpm.evaluation.image_metrics import to_uint8
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import TEMP_SUFFIX, write_json
+from ddpm.plumbing.presets import training_job_from_flags
 from ddpm.plumbing.provenance import hardware
-from ddpm.plumbing.settings import training_job_from_flags
-from ddpm.training.trainer import LOG_NAME, train
+from ddpm.training.trainer import train
+from ddpm.training.training_log import LOG_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = [

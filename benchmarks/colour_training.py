@@ -28,8 +28,9 @@ from PIL import Image
 from ddpm.plumbing.cli import OneLineErrorParser, positive_int, run_cli
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import write_json
-from ddpm.plumbing.settings import training_job_from_flags
-from ddpm.training.trainer import LOG_NAME, train
+from ddpm.plumbing.presets import training_job_from_flags
+from ddpm.training.trainer import train
+from ddpm.training.training_log import LOG_NAME
 
 CLASSES = ("discs", "squares")
 BACKGROUND_MAX, SHAPE_MIN = 60, 120  # background channels in 0..59, shape channels in 120..255

@@ -24,8 +24,6 @@ import torch
 
 from ddpm.plumbing.checkpointing import LEGACY_IMAGE_SHAPE, image_shape, load_for_inference
 from ddpm.plumbing.cli import OneLineErrorParser, positive_int, positive_int_tuple, run_cli
-from diffusion import GaussianDiffusion
-from model import UNet, count_parameters
 from ddpm.plumbing.output_files import write_json
 from ddpm.plumbing.provenance import hardware
 from ddpm.plumbing.runtime import (
@@ -36,8 +34,10 @@ from ddpm.plumbing.runtime import (
     seed_everything,
     synchronize,
 )
-from ddpm.sampling import check_sampling, generate_samples
 from ddpm.plumbing.settings import RuntimeSettings, SamplingSettings
+from ddpm.sampling import check_sampling, generate_samples
+from diffusion import GaussianDiffusion
+from model import UNet, count_parameters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,18 +21,18 @@ import time
 import torch
 from tqdm import tqdm
 
-from ddpm.plumbing.checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
-from ddpm.plumbing.cli import OneLineErrorParser, positive_int, positive_int_tuple, run_cli
 from ddpm.datasets.sources import load_images, shape_options
-from diffusion import GaussianDiffusion
 from ddpm.evaluation.evaluate import classifier_comparison, classifier_scores, set_metrics
 from ddpm.evaluation.feature_metrics import floor_set
+from ddpm.plumbing.checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
+from ddpm.plumbing.cli import OneLineErrorParser, positive_int, positive_int_tuple, run_cli
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import write_json
 from ddpm.plumbing.provenance import hardware
 from ddpm.plumbing.runtime import resolve_device, seed_everything, synchronize
-from ddpm.sampling import generate_samples
 from ddpm.plumbing.settings import SamplingSettings
+from ddpm.sampling import generate_samples
+from diffusion import GaussianDiffusion
 
 FEW_STEP_SAMPLERS = ("ddim", "dpm++2m", "heun")
 

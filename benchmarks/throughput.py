@@ -7,7 +7,7 @@ Networks of (within 10%) the same parameter count run in one process, interleave
   ours-as-diffusers this repo's UNet with exactly the diffusers block layout below
   diffusers         UNet2DModel with --reference-channels (c, 2c, 2c), --reference-layers per block
   lucidrains        denoising-diffusion-pytorch Unet(dim, dim_mults=(1, 2, 2)), dim matched to ours
-  ours (trainer)    trainer.py's own training step on ours (what train_MNIST.py runs: noising,
+  ours (trainer)    the trainer's own training step on ours (what train_MNIST.py runs: noising,
                     min-SNR weights, clipping, AdamW at the scheduled LR, the EMA), on MNIST-5k
 The bare rows time forward + MSE + backward + AdamW of a fixed batch, the same for every network;
 "ours x" compares them. Sampling images/s time forward passes under inference_mode divided by
@@ -49,8 +49,8 @@ from benchmarks.reference_models import diffusers_cifar10_setup, diffusers_unet,
 from ddpm.plumbing.checkpointing import build_model
 from ddpm.plumbing.cli import OneLineErrorParser, parse_with_preset, positive_int, run_cli
 from ddpm.plumbing.messages import UserError
-from model import UNet, count_parameters
 from ddpm.plumbing.output_files import atomic_write, write_json
+from ddpm.plumbing.presets import PRESETS, TrainingJob
 from ddpm.plumbing.runtime import (
     AMP_DTYPES,
     SpeedPlan,
@@ -62,14 +62,13 @@ from ddpm.plumbing.runtime import (
     synchronize,
 )
 from ddpm.plumbing.settings import (
-    PRESETS,
     DataSettings,
     ModelSettings,
     RunSettings,
     RuntimeSettings,
-    TrainingJob,
     TrainingSettings,
 )
+from model import UNet, count_parameters
 
 NETWORKS = ("ours", "ours-as-diffusers", "diffusers", "lucidrains", "trainer")
 MAX_PARAMETER_MISMATCH = 0.10
@@ -231,10 +230,12 @@ class Contestant:
 
 
 class TrainerContestant(Contestant):
-    """trainer.py's own step (Run.train_step) on ours' settings and MNIST-5k: what train_MNIST.py runs."""
+    """The trainer's own step (loop.py's Run.train_step) on ours' settings and MNIST-5k: what
+    train_MNIST.py runs."""
 
     def __init__(self, ours_settings: ModelSettings, runtime: RuntimeSettings, args, out_dir: Path):
-        from ddpm.training.trainer import epoch_batches, prepare_run, setup_processes
+        from ddpm.training.processes import setup_processes
+        from ddpm.training.trainer import prepare_run
 
         job = TrainingJob(
             data=DataSettings("mnist-5k"),
@@ -246,7 +247,7 @@ class TrainerContestant(Contestant):
         processes = setup_processes(runtime.device)
         self.run = prepare_run(job, processes, out_dir)  # a private temp folder: no lock
         self.run.bar.disable = True
-        self.batches = epoch_batches(len(self.run.images), args.batch_size, args.seed, processes)
+        self.batches = self.run.data.epoch_batches(args.seed, processes)
         self.batch_index, self.iters, self.device = 0, args.iters, processes.device
         self.x = self.batches[0]  # images_per_second reads the batch size from it
 
@@ -385,7 +386,7 @@ def print_table(results: dict, env: dict) -> None:
             f"{r['ours_train_speedup']:>8.2f}{sample:>26}{sample_ratio:>8}{mfu:>7}"
         )
     print("GFLOP/img: forward + backward of one image; 'ours x': ours / this network, median over rounds;")
-    print("trainer: trainer.py's whole step (noising, loss, clipping, AdamW, EMA) on ours")
+    print("trainer: the trainer's whole step (noising, loss, clipping, AdamW, EMA) on ours")
 
 
 def main(argv: list[str] | None = None) -> None:

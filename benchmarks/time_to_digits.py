@@ -33,14 +33,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.reference_models import DIFFUSERS_TUNED, diffusers_unet
-from ddpm.plumbing.checkpointing import build_model
-from ddpm.plumbing.cli import OneLineErrorParser, positive_float, positive_int, run_cli
 from ddpm.datasets.sources import MNIST_LIKE, load_images
 from ddpm.evaluation.evaluate import classifier_comparison, classifier_scores, evaluate
+from ddpm.plumbing.checkpointing import build_model
+from ddpm.plumbing.cli import OneLineErrorParser, positive_float, positive_int, run_cli
 from ddpm.plumbing.messages import UserError
-from model import count_parameters
 from ddpm.plumbing.output_files import write_json
-from ddpm.visualisation.pictures import save_image_grid
+from ddpm.plumbing.presets import training_job_from_flags
 from ddpm.plumbing.runtime import resolve_device, seed_everything
 from ddpm.plumbing.settings import (
     CLOCKS,
@@ -48,9 +47,11 @@ from ddpm.plumbing.settings import (
     EvaluationSettings,
     RuntimeSettings,
     SamplingSettings,
-    training_job_from_flags,
 )
-from ddpm.training.trainer import CLOCK_READERS, SECONDS_PER_MINUTE, train
+from ddpm.training.clocks import CLOCK_READERS, SECONDS_PER_MINUTE
+from ddpm.training.trainer import train
+from ddpm.visualisation.pictures import save_image_grid
+from model import count_parameters
 
 REFERENCE_LR = 2e-3
 REFERENCE_BATCH_SIZE = 64

@@ -17,11 +17,13 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+from helpers import TINY_IMAGES, TINY_TRAINING_STEPS, broken_copy, tiny_config, train_tiny  # noqa: E402
+
 from ddpm.datasets import sources as data_sources  # noqa: E402
-from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
 from ddpm.datasets.idx import write_idx  # noqa: E402
 from ddpm.datasets.sources import load_images  # noqa: E402
-from helpers import TINY_IMAGES, TINY_TRAINING_STEPS, broken_copy, tiny_config, train_tiny  # noqa: E402
+from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_train_data(tmp_path_factory) -> Path:

@@ -23,17 +23,13 @@ from PIL import Image
 from torch_fidelity import feature_extractor_inceptionv3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ddpm.evaluation import classifier
 import eval_MNIST
-from ddpm.evaluation import evaluate as evaluation_module
-from ddpm.evaluation import feature_metrics
-from ddpm.evaluation import image_metrics
-from ddpm.evaluation import train_classifier
-from ddpm.evaluation import repeats
 from ddpm import sampling
+from ddpm.datasets.sources import load_images, write_idx
+from ddpm.evaluation import classifier, feature_metrics, image_metrics, repeats, train_classifier
+from ddpm.evaluation import evaluate as evaluation_module
 from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, load_for_inference, save_checkpoint
 from ddpm.plumbing.cli import run_cli
-from ddpm.datasets.sources import load_images, write_idx
 from ddpm.plumbing.provenance import sha256_of_file
 from ddpm.plumbing.settings import SamplingSettings
 

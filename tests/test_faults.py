@@ -31,9 +31,8 @@ from ddpm.plumbing.checkpointing import (
 )
 from ddpm.plumbing.cli import run_cli
 from ddpm.training.folder_lock import LOCK_NAME, read_holder
-from ddpm.plumbing.output_files import OutputError
+from ddpm.training.training_log import LOG_NAME
 from train_MNIST import main
-from ddpm.training.trainer import TrainingLog
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +54,7 @@ def temp_files(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_epoch_run(tiny_train_data, tmp_path_factory) -> Path:
-    """A finished 1-epoch run (3 steps): last.pt and mnist_epoch_01.pt."""
+    """A finished 1-epoch run (3 steps): last.pt and <data folder>_epoch_01.pt."""
     out_dir = tmp_path_factory.mktemp("one_epoch")
     main(tiny_train_argv(tiny_train_data, out_dir, "--epochs", "1", "--save-every", "1"))
     return out_dir
@@ -98,10 +97,11 @@ def test_a_failing_disk_stops_the_run_and_keeps_every_checkpoint(
 ):
     """The epoch-2 save fails at one stage (temp file in a folder turned read-only, ENOSPC while
     writing, EIO at fsync, EROFS at the rename): one line naming last.pt and the error, last.pt and
-    mnist_epoch_01.pt unchanged and loadable, no temp file, no mnist_epoch_02.pt."""
+    the epoch-1 checkpoint unchanged and loadable, no temp file, no epoch-2 checkpoint."""
     out_dir = tmp_path / "run"
     shutil.copytree(one_epoch_run, out_dir)
-    before = {name: (out_dir / name).read_bytes() for name in ("last.pt", "mnist_epoch_01.pt")}
+    epoch_name = f"{tiny_train_data.name}_epoch_{{:02d}}.pt"
+    before = {name: (out_dir / name).read_bytes() for name in ("last.pt", epoch_name.format(1))}
     message = fail_on_checkpoints(monkeypatch, stage)
     argv = tiny_train_argv(tiny_train_data, out_dir, "--epochs", "2", "--resume", "latest")
     line = one_error_line(argv, capsys)
@@ -110,23 +110,23 @@ def test_a_failing_disk_stops_the_run_and_keeps_every_checkpoint(
     for name, data in before.items():
         assert (out_dir / name).read_bytes() == data
         assert load_checkpoint(out_dir / name)["step"] == 3
-    assert temp_files(out_dir) == [] and not (out_dir / "mnist_epoch_02.pt").exists()
+    assert temp_files(out_dir) == [] and not (out_dir / epoch_name.format(2)).exists()
 
 
-def test_a_full_disk_while_logging_is_one_line(tmp_path):
-    """A failing write of train_log.csv is an OutputError naming the file, not a traceback."""
-    log_file = tmp_path / "train_log.csv"
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_while_logging_is_one_line(tiny_train_data, tmp_path, monkeypatch, capsys):
+    """The disk fills up once the run has started: train_log.csv's appends go to /dev/full, where
+    every write fails with ENOSPC. The first row is one line naming the log file, not a traceback."""
+    real_open = Path.open
 
-    class FullFile:
-        name = str(log_file)
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        if path.name == LOG_NAME and "a" in mode:
+            return real_open(Path("/dev/full"), mode, *args, **kwargs)
+        return real_open(path, mode, *args, **kwargs)
 
-        def write(self, text):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    log = TrainingLog.__new__(TrainingLog)
-    log.file = FullFile()
-    with pytest.raises(OutputError, match=f"cannot write {log_file}: No space left on device"):
-        log.write_row((1, "0.1"))
+    monkeypatch.setattr(Path, "open", open_on_a_full_disk)
+    line = one_error_line(tiny_train_argv(tiny_train_data, tmp_path, "--max-steps", "1"), capsys)
+    assert line == f"error: cannot write {tmp_path / LOG_NAME}: {os.strerror(errno.ENOSPC)}"
 
 
 # ----- one run per folder -------------------------------------------------------------------------
@@ -231,11 +231,26 @@ def test_an_infinite_gradient_at_an_epoch_end_saves_nothing(tiny_train_data, tmp
     assert not list(tmp_path.glob("*.pt"))
 
 
+def inject_nan_after_clipping(monkeypatch, at_call: int) -> None:
+    """A NaN in one gradient just after the at_call-th clip has measured a finite norm: the loss and
+    the logged gradient norm stay finite, and AdamW writes NaN into that weight."""
+    original, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        norm = original(parameters, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == at_call:
+            parameters[0].grad.view(-1)[0] = float("nan")
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+
+
 def test_non_finite_weights_are_never_saved(tiny_train_data, tmp_path, monkeypatch, capsys):
-    """With the loss and gradient checks out of the way, the check before every save still refuses
-    NaN weights."""
-    inject_inf_gradient(monkeypatch, at_call=3)
-    monkeypatch.setattr(TrainingLog, "stop_if_diverged", lambda self, values, step, check_gradients: None)
+    """Weights that turn NaN while the loss and the gradient norm stay finite (so the log's checks
+    pass) are refused by the check before every save."""
+    inject_nan_after_clipping(monkeypatch, at_call=3)
     line = one_error_line(tiny_train_argv(tiny_train_data, tmp_path, "--epochs", "2"), capsys)
     assert line.startswith("error: weights became NaN or infinite by step 3")
     assert not list(tmp_path.glob("*.pt"))

@@ -17,8 +17,8 @@ import torch
 from scipy.special import log_ndtr, ndtr
 from torch import nn
 
-from ddpm.evaluation import likelihood
 from ddpm.datasets.sources import to_model_range
+from ddpm.evaluation import likelihood
 from diffusion import GaussianDiffusion, extract, make_betas
 
 T = 100

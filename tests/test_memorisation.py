@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm.evaluation.classifier import SHIPPED_CLASSIFIER, load_classifier
 from ddpm.datasets.sources import load_images
+from ddpm.evaluation.classifier import SHIPPED_CLASSIFIER, load_classifier
 from ddpm.evaluation.memorisation import COPY_PERCENTILE, NUM_CLOSEST_PAIRS, CopyDetector, nearest_neighbours
 
 NUM_STAND_IN = 500

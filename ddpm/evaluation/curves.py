@@ -19,13 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ddpm.plumbing.checkpointing import resolve_checkpoints
 from ddpm.evaluation.evaluate import evaluate, format_report
+from ddpm.evaluation.repeats import OVER_REPEATS
+from ddpm.plumbing.checkpointing import resolve_checkpoints
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import writable_dir, write_csv
-from ddpm.visualisation.pictures import save_training_curves
-from ddpm.evaluation.repeats import OVER_REPEATS
 from ddpm.plumbing.settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+from ddpm.visualisation.pictures import save_training_curves
 
 CURVE_METRICS = ("fid", "is_mean", "precision", "recall")
 CURVE_NAME = "training_curve"

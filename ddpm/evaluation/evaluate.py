@@ -30,17 +30,15 @@ from typing import Any
 
 import torch
 
-from ddpm.plumbing.checkpointing import (
-    LEGACY_IMAGE_SHAPE,
-    data_source,
-    image_shape,
-    load_for_inference,
-    resolve_checkpoint,
-    weights_used,
-)
-from ddpm.evaluation.classifier import accuracy, data_label, ensure_classifier, judge, load_classifier, train_classifier
 from ddpm.datasets.sources import load_images, shape_options, to_model_range
-from diffusion import GaussianDiffusion
+from ddpm.evaluation.classifier import (
+    accuracy,
+    data_label,
+    ensure_classifier,
+    judge,
+    load_classifier,
+    train_classifier,
+)
 from ddpm.evaluation.feature_metrics import (
     Comparison,
     ImageSet,
@@ -55,13 +53,26 @@ from ddpm.evaluation.feature_metrics import (
 from ddpm.evaluation.image_metrics import to_uint8
 from ddpm.evaluation.likelihood import nll_bits_per_dim
 from ddpm.evaluation.memorisation import CopyDetector, Memorisation
+from ddpm.evaluation.repeats import OVER_REPEATS, summarise_repeats
+from ddpm.plumbing.checkpointing import (
+    LEGACY_IMAGE_SHAPE,
+    data_source,
+    image_shape,
+    load_for_inference,
+    resolve_checkpoint,
+    weights_used,
+)
 from ddpm.plumbing.messages import UserError, note
 from ddpm.plumbing.output_files import OutputError, writable_dir, write_csv, write_json
-from ddpm.visualisation.pictures import save_image_grid
 from ddpm.plumbing.provenance import hardware, library_versions, sha256_of_file, sha256_of_tensor
-from ddpm.evaluation.repeats import OVER_REPEATS, summarise_repeats
-from ddpm.plumbing.runtime import SpeedPlan, configure_fast_path, plan_speed, prepare_unet, resolve_device, seed_everything
-from ddpm.sampling import check_sampling, generate_samples, reconstruction_sweep, sweep_timesteps
+from ddpm.plumbing.runtime import (
+    SpeedPlan,
+    configure_fast_path,
+    plan_speed,
+    prepare_unet,
+    resolve_device,
+    seed_everything,
+)
 from ddpm.plumbing.settings import (
     METRICS,
     SAMPLE_METRICS,
@@ -70,6 +81,9 @@ from ddpm.plumbing.settings import (
     RuntimeSettings,
     SamplingSettings,
 )
+from ddpm.sampling import check_sampling, generate_samples, reconstruction_sweep, sweep_timesteps
+from ddpm.visualisation.pictures import save_image_grid
+from diffusion import GaussianDiffusion
 
 GRID_COLUMNS = 10
 GRID_ROWS_UNCONDITIONAL = 10

@@ -33,9 +33,14 @@ import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-from ddpm.plumbing.checkpointing import READ_ERRORS
-from ddpm.evaluation.classifier import EXTRACTOR_NAME, UINT8_MAX, load_classifier, register_with_torch_fidelity
+from ddpm.evaluation.classifier import (
+    EXTRACTOR_NAME,
+    UINT8_MAX,
+    load_classifier,
+    register_with_torch_fidelity,
+)
 from ddpm.evaluation.image_metrics import to_uint8
+from ddpm.plumbing.checkpointing import READ_ERRORS
 from ddpm.plumbing.messages import UserError, note
 from ddpm.plumbing.provenance import sha256_of_file, sha256_of_tensor
 

@@ -11,7 +11,13 @@ Examples (about two minutes on a 2-core CPU for MNIST-5k):
 
 from __future__ import annotations
 
-from ddpm.evaluation.classifier import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, MIN_STEPS, train_and_save
+from ddpm.evaluation.classifier import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    MIN_STEPS,
+    train_and_save,
+)
 from ddpm.plumbing.cli import OneLineErrorParser, positive_float, positive_int, run_cli
 from ddpm.plumbing.runtime import resolve_device
 from ddpm.plumbing.settings import DataSettings

@@ -9,6 +9,10 @@ grad scaler, the position in the run and the RNG states for resuming (training_s
 Format versions: 1 (no image shape: read as 1 x 28 x 28, the LR scheduler's state saved) and 2 (this
 code). A checkpoint without a version is read as version 1; a newer one is refused in one line.
 
+A training run writes last.pt and <data>_epoch_XX.pt (`data_name`: mnist for MNIST and MNIST-5k, the
+data set's name, or the --data-dir folder's); `latest_checkpoint` takes last.pt, else the highest
+epoch whatever the name, so older runs' mnist_epoch_XX.pt still resume and evaluate.
+
 Example:
     model, diffusion, checkpoint = load_for_inference("checkpoints/last.pt", device, use_ema=True)
 """
@@ -25,10 +29,10 @@ from typing import Any
 
 import torch
 
-from diffusion import GaussianDiffusion
 from ddpm.plumbing.messages import UserError, note
-from model import UNet
 from ddpm.plumbing.output_files import atomic_write
+from diffusion import GaussianDiffusion
+from model import UNet
 
 CHECKPOINT_VERSION = 2
 LEGACY_VERSION = 1  # what a checkpoint without a "version" key is read as
@@ -39,7 +43,10 @@ DEMO_CHECKPOINT_SHA256 = "a6c6f6fc33cb9916c1e54da3fe8cf6b135c4db9dc401eb1645571d
 DEMO_NAME = "demo"
 LAST_NAME = "last.pt"
 GLOB_CHARACTERS = "*?["
-EPOCH_PATTERN = re.compile(r"mnist_epoch_(\d+)\.pt$")
+# <data>_epoch_XX.pt: mnist_epoch_05.pt, cifar10_epoch_12.pt, my-pngs_epoch_100.pt
+EPOCH_PATTERN = re.compile(r"^(?P<data>.+)_epoch_(?P<epoch>\d+)\.pt$")
+MNIST_NAMES = ("mnist", "mnist-5k")  # both MNIST digits: their epoch checkpoints are mnist_epoch_XX.pt
+UNSAFE_NAME_CHARACTERS = re.compile(r"[^\w.-]+")  # in a --data-dir folder's name: become "-"
 REQUIRED_KEYS = ("config",)  # dicts; and weights: "model", "ema" or both
 CONFIG_KEYS = ("model", "diffusion")  # what rebuilds the U-Net and the diffusion
 INFERENCE_KEYS = ("version", "config", "ema", "step", "epoch")  # what export_for_inference keeps
@@ -110,19 +117,31 @@ def data_source(config: dict[str, Any]) -> tuple[str, str | None]:
     return config.get("data") or "mnist", config.get("data_dir")
 
 
-def epoch_checkpoint_name(epoch: int) -> str:
-    return f"mnist_epoch_{epoch:02d}.pt"
+def data_name(data: str, data_dir: str | None) -> str:
+    """What epoch checkpoints are named after: the --data-dir folder's name (characters other than
+    letters, digits, '.', '_' and '-' replaced by '-'), else the data set's; mnist-5k is MNIST: mnist."""
+    if data_dir is not None:
+        folder = UNSAFE_NAME_CHARACTERS.sub("-", Path(os.path.abspath(data_dir)).name)
+        if folder:
+            return folder
+    return "mnist" if data in MNIST_NAMES else data
+
+
+def epoch_checkpoint_name(epoch: int, data: str) -> str:
+    """<data>_epoch_XX.pt, e.g. mnist_epoch_05.pt, cifar10_epoch_12.pt (data: what data_name gives)."""
+    return f"{data}_epoch_{epoch:02d}.pt"
 
 
 def latest_checkpoint(directory: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
-    """last.pt in directory if present, else the mnist_epoch_XX.pt with the highest epoch."""
+    """last.pt in directory if present, else the <data>_epoch_XX.pt with the highest epoch, whatever
+    data it names (mnist_epoch_XX.pt of older runs too)."""
     directory = Path(directory)
     if (directory / LAST_NAME).is_file():
         return directory / LAST_NAME
     epochs = [
-        (int(m.group(1)), p)
-        for p in directory.glob("mnist_epoch_*.pt")
-        if (m := EPOCH_PATTERN.search(p.name))
+        (int(match["epoch"]), path)
+        for path in directory.glob("*_epoch_*.pt")
+        if (match := EPOCH_PATTERN.match(path.name))
     ]
     if not epochs:
         raise CheckpointError(

@@ -71,7 +71,7 @@ class FolderLock:
         if previous:
             note(f"took over {self.path} from {describe_holder(previous)}, which no longer runs")
         self.descriptor = descriptor
-        self._write_holder()
+        self._write_holder(descriptor)
         remove_stale_temp_files(self.path.parent)
 
     def release(self) -> None:
@@ -94,14 +94,14 @@ class FolderLock:
         except FileNotFoundError:
             return False
 
-    def _write_holder(self) -> None:
+    def _write_holder(self, descriptor: int) -> None:
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        os.ftruncate(self.descriptor, 0)
-        os.pwrite(self.descriptor, (json.dumps(holder) + "\n").encode(), 0)
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
 
 
 def read_holder(path: Path) -> dict:

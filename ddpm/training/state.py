@@ -86,7 +86,8 @@ def floating_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 def capture_rng_states(device: torch.device) -> dict[str, Any]:
     """The torch (CPU and device), NumPy and Python RNG states, as tensors and plain values."""
-    _, numpy_keys, numpy_position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state: tuple[str, np.ndarray, int, int, float] = np.random.get_state()  # type: ignore[assignment]
+    _, numpy_keys, numpy_position, has_gauss, cached_gaussian = numpy_state
     python_version, python_internal, python_gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),

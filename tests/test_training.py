@@ -1,14 +1,19 @@
-"""train_MNIST.py on a tiny U-Net (8 channels, T = 20) and tiny data, on one CPU thread.
+"""train_MNIST.py and the trainer (ddpm/training) on a tiny U-Net (8 channels, T = 20) and tiny data,
+on one CPU thread: resuming to the bit, stop rules (signals, --max-steps, the --max-minutes budget),
+what each training flag changes, DDP under torchrun, bad input, and the checkpoints' names.
 
-Most runs call `main(argv)` in-process; SIGTERM, exit codes and torchrun need a subprocess.
-The tiny data set is the first 48 MNIST-5k digits as IDX files: with --batch-size 16 an epoch is 3
-steps, so a few steps cross epoch ends (checkpoints, sample grids, a new shuffle).
+Most runs call `main(argv)` or `train(job)` in-process; SIGTERM, exit codes and torchrun need a
+subprocess. The tiny data set is the first 48 MNIST-5k digits as IDX files (conftest's
+tiny_train_data): with --batch-size 16 an epoch is 3 steps, so a few steps cross epoch ends
+(checkpoints, sample grids, a new shuffle).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,15 +23,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_UNET_FLAGS
+from helpers import TINY_TRAIN_FLAGS, tiny_train_argv
 
-from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, load_checkpoint, load_for_inference, save_checkpoint
+from ddpm.datasets.idx import write_idx
+from ddpm.datasets.sources import load_images
+from ddpm.evaluation import image_metrics
+from ddpm.plumbing.checkpointing import (
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    build_model,
+    data_name,
+    latest_checkpoint,
+    load_checkpoint,
+    load_for_inference,
+    resolve_checkpoint,
+    resolve_checkpoints,
+    save_checkpoint,
+)
 from ddpm.plumbing.cli import run_cli
+from ddpm.plumbing.presets import training_job_from_flags
+from ddpm.plumbing.runtime import seed_everything
+from ddpm.training.loop import TrainingData, drop_labels
+from ddpm.training.processes import Processes
+from ddpm.training.trainer import TrainingResult, train
 from diffusion import GaussianDiffusion
 from train_MNIST import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_RUN = [*TINY_UNET_FLAGS, "--T", "20", "--batch-size", "16", "--warmup-steps", "2", "--log-every", "1"]
+TINY_RUN = [*TINY_TRAIN_FLAGS, "--log-every", "1"]  # T = 20, batch 16, 2 warm-up steps, on the CPU
+IMAGES_PER_STEP = 16
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN_STEPS = 24  # the torchrun runs' length: room for a SIGTERM after step 2 to land before the end
 
@@ -41,7 +66,28 @@ def one_thread():
 
 
 def tiny_argv(data: Path, out_dir: Path, *extra: str) -> list[str]:
-    return [*TINY_RUN, "--data-dir", str(data), "--device", "cpu", "--out-dir", str(out_dir), *extra]
+    """A tiny run (helpers.tiny_train_argv) that logs every step."""
+    return tiny_train_argv(data, out_dir, "--log-every", "1", *extra)
+
+
+def run(data: Path, out_dir: Path, *flags: str) -> dict:
+    """Train a tiny run in-process; its last.pt."""
+    main(tiny_argv(data, out_dir, *flags))
+    return load_checkpoint(out_dir / "last.pt")
+
+
+def train_in_process(argv: list[str]) -> TrainingResult:
+    """What `train_MNIST.py argv` trains, through the library: where it stopped and why."""
+    return train(training_job_from_flags(argv))
+
+
+def logged(out_dir: Path, column: str) -> list[float]:
+    with (out_dir / "train_log.csv").open(newline="") as log_file:
+        return [float(row[column]) for row in csv.DictReader(log_file)]
+
+
+def logged_steps(out_dir: Path) -> list[int]:
+    return [int(step) for step in logged(out_dir, "step")]
 
 
 def assert_same_weights(first: dict, second: dict) -> None:
@@ -61,9 +107,7 @@ def assert_same_training_state(first: dict, second: dict) -> None:
     assert torch.equal(first["rng"][0]["torch"], second["rng"][0]["torch"])
 
 
-def logged_steps(out_dir: Path) -> list[int]:
-    with (out_dir / "train_log.csv").open(newline="") as log_file:
-        return [int(row["step"]) for row in csv.DictReader(log_file)]
+# ----- resuming to the bit --------------------------------------------------------------------------
 
 
 def test_resume_mid_epoch_is_bit_exact(tiny_train_data, tmp_path):
@@ -88,7 +132,7 @@ def test_resume_mid_epoch_is_bit_exact(tiny_train_data, tmp_path):
     assert_same_training_state(straight, resumed)
     assert not torch.equal(straight["model"]["input_conv.weight"], straight["ema"]["input_conv.weight"])
     assert logged_steps(tmp_path / "split") == [1, 2, 3, 4, 5, 6]
-    for name in ("mnist_epoch_02.pt", "samples_epoch_02.png", "loss.png"):  # the last epoch always
+    for name in (f"{tiny_train_data.name}_epoch_02.pt", "samples_epoch_02.png", "loss.png"):  # the last epoch
         assert (tmp_path / "split" / name).is_file(), name
     assert not (tmp_path / "split" / "samples_epoch_01.png").exists()  # --sample-every 5
 
@@ -114,7 +158,7 @@ def test_checkpoint_loads_for_inference(tiny_train_data, tmp_path):
 def test_sigterm_mid_epoch_saves_and_resumes_bit_exact(tmp_path):
     """SIGTERM after a few steps: exit 143 with last.pt saved mid-epoch; resuming it to step k + 2
     equals k + 2 steps straight. MNIST-5k has 250 steps per epoch, so the stop is mid-epoch."""
-    flags = [*TINY_RUN, "--data", "mnist-5k", "--device", "cpu", "--epochs", "2"]
+    flags = [*TINY_RUN, "--data", "mnist-5k", "--epochs", "2"]
     out_dir = tmp_path / "interrupted"
     command = [sys.executable, str(REPO / "train_MNIST.py"), *flags, "--out-dir", str(out_dir)]
     process = subprocess.Popen(command, cwd=REPO, env=ONE_THREAD_ENV, stderr=subprocess.PIPE, text=True)
@@ -193,7 +237,8 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_last_checkpoint(
     assert exit_info.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("error: loss became nan at step 4: training stopped")
-    assert sorted(path.name for path in tmp_path.glob("*.pt")) == ["last.pt", "mnist_epoch_01.pt"]
+    saved = sorted(path.name for path in tmp_path.glob("*.pt"))
+    assert saved == ["last.pt", f"{tiny_train_data.name}_epoch_01.pt"]
     checkpoint = load_checkpoint(tmp_path / "last.pt")
     assert checkpoint["step"] == 3 and all(
         torch.isfinite(value).all() for value in checkpoint["model"].values()
@@ -205,7 +250,7 @@ def torchrun_command(out_dir: Path, *extra: str) -> list[str]:
     """2 CPU processes (gloo) of the tiny run on MNIST-5k (156 steps per epoch)."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(REPO / "train_MNIST.py"), *TINY_RUN, "--data", "mnist-5k", "--device", "cpu",
+        str(REPO / "train_MNIST.py"), *TINY_RUN, "--data", "mnist-5k",
         "--lr", "2e-3", "--warmup-steps", "0", "--out-dir", str(out_dir), *extra,
     ]  # fmt: skip
 
@@ -379,3 +424,265 @@ def test_command_line_error_has_no_traceback():
     assert result.stderr.strip().splitlines() == [
         "error: argument --epochs: must be a positive integer, got -1 (see train_MNIST.py --help)"
     ]
+
+
+# ----- the time budget (--max-minutes) ----------------------------------------------------------------
+
+# T = 2: a stop's sample grid costs 2 steps. 3,000 steps of epochs and no warm-up: the budget alone
+# shapes the LR and stops the run (a --max-steps 200 stops one that ignores its budget).
+BUDGET_RUN = ("--T", "2", "--epochs", "1000", "--warmup-steps", "0", "--lr", "1e-3", "--clock", "cpu")
+
+
+def longest_step_seconds(out_dir: Path) -> float:
+    """The longest logged step's wall seconds, from img_per_s (16 images, one row per step): on one
+    thread no fewer than its CPU seconds."""
+    return max(IMAGES_PER_STEP / rate for rate in logged(out_dir, "img_per_s"))
+
+
+def test_max_minutes_stops_once_the_budget_is_spent(tiny_train_data, tmp_path):
+    """--max-minutes 0.01 --clock cpu: 0.6 CPU-seconds of training steps. The rule is checked before
+    each step, so the run stops after the first step that ends at or past 0.6 s: the seconds recorded
+    are at least 0.6 and less than 0.6 plus one step (bounded by twice the longest logged step)."""
+    budget = 0.01 * 60
+    argv = tiny_argv(tiny_train_data, tmp_path, *BUDGET_RUN, "--max-minutes", "0.01", "--max-steps", "200")
+    result = train_in_process(argv)
+    checkpoint = load_checkpoint(tmp_path / "last.pt")
+    assert result.stopped_by == "max_minutes" and 2 <= result.step == checkpoint["step"]
+    assert logged_steps(tmp_path) == list(range(1, result.step + 1))
+    assert budget <= checkpoint["train_seconds"] == result.train_seconds
+    assert result.train_seconds < budget + 2 * longest_step_seconds(tmp_path)
+    assert (tmp_path / f"samples_step_{result.step:06d}.png").is_file()
+
+
+def test_the_cosine_lr_reaches_zero_at_the_end_of_the_budget(tiny_train_data, tmp_path):
+    """After 3 steps (s CPU-seconds recorded; the epochs' own cosine has done 3 of its 3,000 steps),
+    a resume with budget B trains its next step at 1e-3 x 0.5 (1 + cos(pi s / B)): B = 2 s gives
+    cos(pi / 2) = 0, half the peak, 5e-4; B = 1.02 s gives at most 0.5 (1 + cos(pi / 1.02)) = 9.48e-4
+    of the peak, and that run stops after the step, its budget spent."""
+    first = tmp_path / "first"
+    train_in_process(tiny_argv(tiny_train_data, first, *BUDGET_RUN, "--max-steps", "3"))
+    seconds = load_checkpoint(first / "last.pt")["train_seconds"]
+    results, next_lrs = {}, {}
+    for ratio, max_steps in ((2.0, "4"), (1.02, "200")):
+        out_dir = tmp_path / f"budget_{ratio}"
+        shutil.copytree(first, out_dir)
+        budget = ["--max-minutes", repr(ratio * seconds / 60), "--max-steps", max_steps]
+        results[ratio] = train_in_process(
+            tiny_argv(tiny_train_data, out_dir, *BUDGET_RUN, *budget, "--resume", "latest")
+        )
+        next_lrs[ratio] = logged(out_dir, "lr")[3]  # step 4's
+    assert next_lrs[2.0] == pytest.approx(5e-4, rel=1e-3) and results[2.0].stopped_by == "max_steps"
+    assert 0 <= next_lrs[1.02] <= 1e-3 * 9.484e-4
+    assert (results[1.02].stopped_by, results[1.02].step) == ("max_minutes", 4)
+
+
+def test_a_resumed_run_continues_the_budget_from_the_seconds_trained(tiny_train_data, tmp_path):
+    """Budget 1.2 CPU-seconds: 3 steps (s seconds, recorded in last.pt); a resume with the same budget
+    trains its first step at the LR of s seconds done, 1e-3 x 0.5 (1 + cos(pi s / 1.2)) (one that
+    restarted the clock would train at the peak, 1e-3), and stops once the total reaches 1.2 s, not
+    1.2 s after the resume; resuming that run again trains no step."""
+    budget, flags = 0.02 * 60, (*BUDGET_RUN, "--max-minutes", "0.02")
+    train_in_process(tiny_argv(tiny_train_data, tmp_path, *flags, "--max-steps", "3"))
+    seconds = load_checkpoint(tmp_path / "last.pt")["train_seconds"]
+    assert 0 < seconds < budget / 2
+    resume = ("--max-steps", "200", "--resume", "latest")
+    resumed = train_in_process(tiny_argv(tiny_train_data, tmp_path, *flags, *resume))
+    expected_lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * seconds / budget))
+    assert logged(tmp_path, "lr")[3] == pytest.approx(expected_lr, rel=1e-3)
+    assert resumed.stopped_by == "max_minutes"
+    assert budget <= resumed.train_seconds < budget + 2 * longest_step_seconds(tmp_path)
+    again = train_in_process(tiny_argv(tiny_train_data, tmp_path, *flags, *resume))
+    assert (again.stopped_by, again.step) == ("max_minutes", resumed.step)
+
+
+# ----- what each training flag changes --------------------------------------------------------------
+
+
+def test_a_short_run_lowers_the_loss(tiny_train_data, tmp_path):
+    run(
+        tiny_train_data, tmp_path, "--epochs", "8", "--lr", "3e-3", "--warmup-steps", "0", "--prediction", "v"
+    )
+    losses = logged(tmp_path, "loss")
+    assert len(losses) == 24 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+# LR / 1e-3 at steps 1..9 of 3 epochs x 3 steps with 2 warm-up steps: (k + 1) / 2 for k = 0, 1 steps
+# done, then 1 (constant) or 0.5 (1 + cos(pi j / 7)) for j = k - 2 = 0..6 of the 9 - 2 = 7 cosine steps:
+# cos(pi/7) = 0.900969, cos(2pi/7) = 0.623490, cos(3pi/7) = 0.222521, and cos(pi - x) = -cos(x).
+LR_FACTORS = {
+    "constant": [0.5, 1, 1, 1, 1, 1, 1, 1, 1],
+    "cosine": [0.5, 1, 1, 0.950484, 0.811745, 0.611260, 0.388740, 0.188255, 0.049516],
+}
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_logged_learning_rate_follows_the_schedule(tiny_train_data, tmp_path, schedule):
+    """A linear warm-up over 2 steps, then 1 or a cosine that would reach 0 at step 10 (--epochs x 3
+    steps done); the log keeps 5 significant digits, the factors 6 decimals."""
+    flags = ["--epochs", "3", "--warmup-steps", "2", "--lr", "1e-3", "--lr-schedule", schedule]
+    run(tiny_train_data, tmp_path, *flags)
+    np.testing.assert_allclose(logged(tmp_path, "lr"), 1e-3 * np.array(LR_FACTORS[schedule]), rtol=1e-4)
+
+
+def test_linear_schedule_reaches_the_checkpoint(tiny_train_data, tmp_path):
+    checkpoint = run(tiny_train_data, tmp_path, "--max-steps", "1", "--schedule", "linear")
+    diffusion = GaussianDiffusion(**checkpoint["config"]["diffusion"])
+    scale = 1000 / 20  # make_betas keeps alpha_bar_T of T = 1000 for other T
+    torch.testing.assert_close(
+        diffusion.betas, torch.linspace(scale * 1e-4, scale * 0.02, 20), rtol=1e-5, atol=0
+    )
+
+
+def test_weight_decay_is_decoupled(tiny_train_data, tmp_path):
+    """AdamW's first step: p1 = p0 (1 - lr wd) - lr u with u the same Adam update in both runs (same
+    weights, data and noise), so the two runs' weights differ by exactly -lr wd p0."""
+    flags = ["--max-steps", "1", "--warmup-steps", "0", "--lr", "1e-2"]
+    plain = run(tiny_train_data, tmp_path / "plain", *flags)["model"]
+    decayed = run(tiny_train_data, tmp_path / "decayed", *flags, "--weight-decay", "0.5")["model"]
+    seed_everything(0)
+    initial = build_model(load_checkpoint(tmp_path / "plain" / "last.pt")["config"]).state_dict()
+    for key, value in initial.items():
+        torch.testing.assert_close(decayed[key] - plain[key], -1e-2 * 0.5 * value, rtol=0, atol=2e-7)
+
+
+def test_min_snr_weights_lower_the_first_loss(tiny_train_data, tmp_path):
+    """With the same draws, min(SNR, gamma) / SNR <= 1 weighs every example down (eps-prediction)."""
+    run(tiny_train_data, tmp_path / "plain", "--max-steps", "1")
+    run(tiny_train_data, tmp_path / "weighted", "--max-steps", "1", "--min-snr-gamma", "0.05")
+    assert logged(tmp_path / "weighted", "loss")[0] < 0.9 * logged(tmp_path / "plain", "loss")[0]
+
+
+def test_label_dropout_replaces_labels_with_the_null_label_at_its_rate():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, (200_000,))
+    dropped = drop_labels(labels, 0.3)
+    null = dropped == 10
+    assert torch.equal(dropped[~null], labels[~null])
+    assert null.float().mean().item() == pytest.approx(0.3, abs=5 * math.sqrt(0.3 * 0.7 / len(labels)))
+
+
+def test_channels_last_trains_nhwc_weights(tiny_train_data, tmp_path):
+    """One step at LR 2e-7 (Adam moves each weight by about the LR, whatever the rounding of its
+    gradient): NHWC weights, equal to the NCHW run's within float error."""
+    flags = ["--max-steps", "1", "--lr", "2e-7", "--warmup-steps", "0"]
+    nhwc = run(tiny_train_data, tmp_path / "nhwc", *flags, "--channels-last", "on")
+    plain = run(tiny_train_data, tmp_path / "plain", *flags, "--channels-last", "off")
+    key = "down_levels.0.blocks.0.in_layers.2.weight"  # 8 input channels: the two layouts differ
+    assert nhwc["model"][key].is_contiguous(memory_format=torch.channels_last)
+    assert not plain["model"][key].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc["model"][key], plain["model"][key], rtol=1e-4, atol=1e-6)
+
+
+def test_fp16_autocast_keeps_the_grad_scaler_state(tiny_train_data, tmp_path):
+    checkpoint = run(tiny_train_data, tmp_path, "--max-steps", "2", "--amp", "fp16")
+    assert checkpoint["scaler"]["scale"] > 0 and checkpoint["config"]["train"]["runtime"]["amp"] == "fp16"
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
+
+
+def test_ranks_get_disjoint_shares_of_each_step():
+    """100 images, batch 8 on each of 3 ranks: 100 // 24 = 4 steps, 4 images dropped."""
+    images, labels = torch.zeros(100, 1, 2, 2, dtype=torch.uint8), torch.zeros(100, dtype=torch.int64)
+    ranks = [Processes(rank=rank, world_size=3, device=torch.device("cpu")) for rank in range(3)]
+    data = TrainingData.in_steps(images, labels, batch_size=8, processes=ranks[0])
+    assert data.steps_per_epoch == 4
+    shares = [data.epoch_batches(seed=3, processes=processes) for processes in ranks]
+    assert all(share.shape == (4, 8) for share in shares)
+    for step in range(4):
+        images = torch.cat([share[step] for share in shares])
+        assert len(set(images.tolist())) == 24
+    assert len(set(torch.cat(shares).flatten().tolist())) == 96
+
+
+# ----- checkpoint names -----------------------------------------------------------------------------
+
+
+def test_epoch_checkpoints_are_named_after_the_data():
+    """mnist and mnist-5k are both MNIST: mnist_epoch_XX.pt as before; other data sets by their name;
+    --data-dir by its folder's name, characters other than letters, digits, . _ - replaced by -."""
+    assert data_name("mnist", None) == data_name("mnist-5k", None) == "mnist"
+    assert [data_name(data, None) for data in ("fashion-mnist", "cifar10", "celeba")] == [
+        "fashion-mnist", "cifar10", "celeba"
+    ]  # fmt: skip
+    assert data_name("mnist", "runs/cifar-10-batches-py/") == "cifar-10-batches-py"
+    assert data_name("cifar10", "/data/my pngs*") == "my-pngs-"
+
+
+def test_old_and_new_epoch_checkpoint_names_resume_and_resolve(tiny_train_data, tmp_path):
+    """A --data-dir run names its epoch checkpoints after the folder. A folder holding an older run's
+    mnist_epoch_01.pt (and no last.pt) resumes from it with --resume latest, then also holds
+    <folder>_epoch_02.pt: the newest by epoch is the latest whatever its name, and eval's --checkpoint
+    resolution (default and glob) finds both names."""
+    new_name = f"{tiny_train_data.name}_epoch_01.pt"
+    run(tiny_train_data, tmp_path, "--epochs", "1", "--save-every", "1")
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == sorted(["last.pt", new_name])
+    (tmp_path / "last.pt").unlink()
+    (tmp_path / new_name).rename(tmp_path / "mnist_epoch_01.pt")  # as runs were named before
+    resumed = run(tiny_train_data, tmp_path, "--epochs", "2", "--save-every", "1", "--resume", "latest")
+    assert (resumed["step"], resumed["epoch"]) == (6, 2) and logged_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+    (tmp_path / "last.pt").unlink()
+    newest = tmp_path / f"{tiny_train_data.name}_epoch_02.pt"
+    assert latest_checkpoint(tmp_path) == resolve_checkpoint(None, tmp_path) == newest
+    matches = resolve_checkpoints(str(tmp_path / "*_epoch_*.pt"))
+    assert sorted(matches) == sorted([tmp_path / "mnist_epoch_01.pt", newest])
+
+
+# ----- readers, metrics and checkpoint errors ------------------------------------------------------
+
+
+def test_mnist_reader_reads_torchvision_raw_files(tmp_path):
+    """torchvision's MNIST reads data/MNIST/raw/*-ubyte and downloads nothing when they are there."""
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    pixels = {
+        "train": rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+        "t10k": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+    }
+    for prefix, array in pixels.items():
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", array)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(len(array), dtype=np.uint8))
+    images, labels = load_images("mnist", "test", root=tmp_path)
+    assert labels.tolist() == [0, 1, 2]
+    assert torch.equal(image_metrics.to_uint8(images)[:, 0], torch.from_numpy(pixels["t10k"]))
+
+
+def test_reconstruction_metrics_equal_hand_computed_values():
+    """Black (-1) against mid-grey (0): MSE (0.5)^2 = 0.25 on [0, 1]; PSNR 10 log10(4) = 6.0206 dB;
+    SSIM of two constant images is the luminance term alone, (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)
+    with C1 = (0.01 x data_range)^2 = 1e-4: 1e-4 / 0.2501. Identical images: 0, 120 dB (the cap), 1."""
+    black, grey = torch.full((2, 1, 8, 8), -1.0), torch.zeros(2, 1, 8, 8)
+    scores = image_metrics.reconstruction_metrics(black, grey)
+    np.testing.assert_allclose(scores["mse"], 0.25)
+    np.testing.assert_allclose(scores["psnr"], 10 * math.log10(4))
+    np.testing.assert_allclose(scores["ssim"], 1e-4 / 0.2501, rtol=1e-6)
+    same = image_metrics.reconstruction_metrics(grey, grey)
+    assert (
+        same["mse"].tolist() == [0, 0]
+        and same["psnr"].tolist() == [120, 120]
+        and same["ssim"].tolist() == [1, 1]
+    )
+
+
+def test_checkpoint_error_paths_are_one_line(tmp_path, tiny_checkpoint):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this repo"):
+        load_checkpoint(tmp_path / "list.pt")
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["config"]["model"]["model_channels"] = 24
+    save_checkpoint(checkpoint, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not match this code's model: Error") as error:
+        load_for_inference(tmp_path / "other.pt", torch.device("cpu"))
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_latest_checkpoint_falls_back_to_the_highest_epoch_whatever_the_data_name(tmp_path):
+    names = ("mnist_epoch_05.pt", "cifar10_epoch_20.pt", "mnist_epoch_100.pt", "my-pngs_epoch_99.pt")
+    for name in (*names, "notes.pt", "epoch_200.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == tmp_path / "mnist_epoch_100.pt"
+    (tmp_path / "celeba_epoch_101.pt").write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == tmp_path / "celeba_epoch_101.pt"
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == tmp_path / "last.pt"
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        latest_checkpoint(tmp_path / "empty")
