@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
@@ -85,6 +85,17 @@ class GaussianDiffusion(nn.Module):
     Holds no trainable weights: only schedule buffers, rebuilt from (T, schedule, prediction). The
     buffers move with `.to(device)` and are excluded from `state_dict()`.
     """
+
+    # the schedule buffers, each [T] float32 (registered in __init__, named as in improved-diffusion)
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    posterior_variance: torch.Tensor
+    posterior_log_variance_clipped: torch.Tensor
+    posterior_mean_coef1: torch.Tensor
+    posterior_mean_coef2: torch.Tensor
 
     def __init__(self, T: int = 1000, schedule: str = "cosine", prediction: str = "eps"):
         super().__init__()
@@ -183,7 +194,7 @@ class GaussianDiffusion(nn.Module):
         """
         if labels is None or guidance == 1.0:
             return model(x_t, t, labels)
-        null_labels = torch.full_like(labels, model.num_classes)
+        null_labels = torch.full_like(labels, cast(int, model.num_classes))  # the U-Net's null label
         both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null_labels]))
         conditional, unconditional = both.chunk(2)
         return unconditional + guidance * (conditional - unconditional)
