@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-from test_eval import run_eval
+from helpers import run_eval
 
-from ddpm.plumbing.checkpointing import load_for_inference
 from ddpm.evaluation.classifier import SHIPPED_CLASSIFIER, accuracy, load_classifier
-from ddpm.sampling import generate_samples
+from ddpm.plumbing.checkpointing import load_for_inference
 from ddpm.plumbing.settings import SamplingSettings
+from ddpm.sampling import generate_samples
 
 CHANCE = 0.1  # ten classes
 NUM_SAMPLES = 100  # ten per class

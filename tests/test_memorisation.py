@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm.evaluation.classifier import SHIPPED_CLASSIFIER, load_classifier
 from ddpm.datasets.sources import load_images
+from ddpm.evaluation.classifier import SHIPPED_CLASSIFIER, load_classifier
 from ddpm.evaluation.memorisation import COPY_PERCENTILE, NUM_CLOSEST_PAIRS, CopyDetector, nearest_neighbours
 
 NUM_STAND_IN = 500
@@ -37,7 +37,7 @@ def detector(real) -> CopyDetector:
 
 def copy_rates(samples: torch.Tensor, detector: CopyDetector) -> dict[str, float]:
     summary = detector.check(samples).summary()
-    return {space: summary[space]["copy_rate"] for space in ("pixels", "classifier")}
+    return {"pixels": summary.pixels.copy_rate, "classifier": summary.classifier.copy_rate}
 
 
 def test_training_images_are_copies(real, detector):

@@ -6,12 +6,18 @@ eval_MNIST.py itself, or by this script.
 
 Examples (about two minutes on a 2-core CPU for MNIST-5k):
     python -m ddpm.evaluation.train_classifier --data mnist-5k --out weights/classifier_mnist5k.pt
-    python -m ddpm.evaluation.train_classifier --data fashion-mnist      # -> checkpoints/classifier_fashion-mnist.pt
+    python -m ddpm.evaluation.train_classifier --data fashion-mnist  # checkpoints/classifier_fashion-mnist.pt
 """
 
 from __future__ import annotations
 
-from ddpm.evaluation.classifier import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, MIN_STEPS, train_and_save
+from ddpm.evaluation.classifier import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    MIN_STEPS,
+    train_and_save,
+)
 from ddpm.plumbing.cli import OneLineErrorParser, positive_float, positive_int, run_cli
 from ddpm.plumbing.runtime import resolve_device
 from ddpm.plumbing.settings import DataSettings
