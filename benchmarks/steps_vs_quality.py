@@ -5,7 +5,7 @@ Runs DDPM with all T steps (Ho et al. 2020, arXiv:2006.11239, Algorithm 2), then
 (Karras et al. 2022, arXiv:2206.00364, Algorithm 1) at each of --steps model evaluations, all from
 the same starting noise, through sampling.generate_samples. Heun makes 2 evaluations per noise level,
 so it runs steps or steps - 1 of them (the table shows the count it made). Each set of samples
-is judged as eval_MNIST.py judges it (evaluation.classifier_scores: torch-fidelity with the data's
+is judged as eval_MNIST.py judges it (scoring.classifier_scores: torch-fidelity with the data's
 classifier): classifier-FID against the test split, precision, recall and mean confidence, next to
 as many real training images (the floor).
 
@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from ddpm.datasets.sources import load_images, shape_options
-from ddpm.evaluation.evaluate import classifier_comparison, classifier_scores, set_metrics
 from ddpm.evaluation.feature_metrics import floor_set
+from ddpm.evaluation.scoring import classifier_comparison, classifier_scores
 from ddpm.plumbing.checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
 from ddpm.plumbing.cli import OneLineErrorParser, positive_int, positive_int_tuple, run_cli
 from ddpm.plumbing.messages import UserError
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = image_shape(checkpoint["config"])
     comparison = classifier_comparison(data, data_dir, args.batch_size, args.seed, device, shape)
     train_images, _ = load_images(data, "train", data_dir, **shape_options(shape))
-    floor = set_metrics(floor_set(train_images, args.num_samples, data, args.seed), comparison)["classifier"]
+    floor = classifier_scores(floor_set(train_images, args.num_samples, data, args.seed), comparison)
 
     rows = []
     for sampler, steps in tqdm(runs(diffusion, args), desc="samplers"):

@@ -8,7 +8,7 @@ where the feature maps are small, v-prediction (Salimans & Ho 2022, arXiv:2202.0
 the budget does, EMA 0.999 with warm-up, bf16 autocast; sampled with DDIM 50 steps (Song et al.
 2021, arXiv:2010.02502) from the EMA weights.
 With --reference, the tuned diffusers set-up trains under the same budget in the same process and
-is judged by the same code (evaluation.classifier_scores): UNet2DModel (32, 64, 64), 1 layer per
+is judged by the same code (scoring.classifier_scores): UNet2DModel (32, 64, 64), 1 layer per
 block, no block attention (1,062,497 parameters), DDPMScheduler cosine ("squaredcos_cap_v2"),
 v-prediction, min-SNR-5 via diffusers.training_utils.compute_snr, AdamW 2e-3, diffusers EMAModel
 with warm-up (as in diffusers' train_unconditional example), batches of 64, fp32; sampled by
@@ -34,7 +34,9 @@ from tqdm import tqdm
 
 from benchmarks.reference_models import DIFFUSERS_TUNED, diffusers_unet
 from ddpm.datasets.sources import MNIST_LIKE, load_images
-from ddpm.evaluation.evaluate import classifier_comparison, classifier_scores, evaluate
+from ddpm.evaluation.evaluate import evaluate
+from ddpm.evaluation.report import as_json
+from ddpm.evaluation.scoring import classifier_comparison, classifier_scores
 from ddpm.plumbing.checkpointing import build_model
 from ddpm.plumbing.cli import OneLineErrorParser, positive_float, positive_int, run_cli
 from ddpm.plumbing.messages import UserError
@@ -118,8 +120,10 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
         json=str(out_dir / "ours_eval.json"),
     )
     command = f"eval_MNIST.py --checkpoint {checkpoint} --num-samples {args.num_samples} --metrics classifier"
-    report = evaluate(
-        settings, SamplingSettings(), RuntimeSettings(device=args.device), DataSettings(None), command
+    report = as_json(
+        evaluate(
+            settings, SamplingSettings(), RuntimeSettings(device=args.device), DataSettings(None), command
+        )
     )
     return {
         "train_command": "train_MNIST.py " + " ".join(flags),

@@ -22,7 +22,7 @@ from helpers import TINY_IMAGES, TINY_TRAINING_STEPS, broken_copy, tiny_config, 
 from ddpm.datasets import sources as data_sources  # noqa: E402
 from ddpm.datasets.idx import write_idx  # noqa: E402
 from ddpm.datasets.sources import load_images  # noqa: E402
-from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint  # noqa: E402
+from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, save_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

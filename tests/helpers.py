@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import torch
@@ -50,7 +52,6 @@ def tiny_train_argv(data: Path, out_dir: Path, *extra: str) -> list[str]:
     return [*TINY_TRAIN_FLAGS, "--data-dir", str(data), "--out-dir", str(out_dir), *extra]
 
 
-
 def broken_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The weights with N(0, 0.3^2) noise added to each: a network whose predictions are useless."""
     generator = torch.Generator().manual_seed(1)
@@ -88,3 +89,13 @@ def tiny_config(prediction: str = "eps", num_classes: int | None = None) -> dict
         "diffusion": {"T": 100, "schedule": "cosine", "prediction": prediction},
         "data": "mnist-5k",
     }
+
+
+def run_eval(argv: list[str]) -> tuple[str, str]:
+    """eval_MNIST.main(argv) in this process; returns its stdout and stderr."""
+    import eval_MNIST
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        eval_MNIST.main(argv)
+    return out.getvalue(), err.getvalue()

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_eval import run_eval
+from helpers import run_eval
 
 from ddpm.evaluation.classifier import SHIPPED_CLASSIFIER, accuracy, load_classifier
 from ddpm.plumbing.checkpointing import load_for_inference

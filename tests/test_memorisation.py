@@ -37,7 +37,7 @@ def detector(real) -> CopyDetector:
 
 def copy_rates(samples: torch.Tensor, detector: CopyDetector) -> dict[str, float]:
     summary = detector.check(samples).summary()
-    return {space: summary[space]["copy_rate"] for space in ("pixels", "classifier")}
+    return {"pixels": summary.pixels.copy_rate, "classifier": summary.classifier.copy_rate}
 
 
 def test_training_images_are_copies(real, detector):

@@ -9,7 +9,10 @@ for the Inception Score). It takes C x H x W images in [-1, 1] (1 x 28 x 28 for 
 
 `ClassifierFeatureExtractor` wraps it for torch-fidelity, which then computes classifier-FID/IS/KID
 with its own code: `register_with_torch_fidelity()` then `calculate_metrics(...,
-feature_extractor="mnist-classifier", feature_extractor_weights_path=PATH)`.
+feature_extractor="mnist-classifier", feature_extractor_weights_path=PATH, classifier_model=MODEL)`
+(MODEL: the classifier already loaded, so that an evaluation reads its file once; without it the
+extractor reads PATH). "mnist-classifier" is the registered name and the file format of every data
+set's classifier, kept as it was when only MNIST had one: reports and caches name it.
 
 The weights file is one dict (format, version, model state dict, image shape, data, test accuracy,
 epochs, seed), written atomically and read with torch.load(weights_only=True). The MNIST-5k
@@ -23,8 +26,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +72,11 @@ class ClassifierError(UserError):
     """A classifier weights file that is missing, unreadable or of another format."""
 
 
-class MnistClassifier(nn.Module):
-    """[B, C, H, W] in [-1, 1] -> logits [B, 10]; `features` gives the penultimate [B, 128]."""
+class SmallCNNClassifier(nn.Module):
+    """A small CNN for images of any data set: [B, C, H, W] in [-1, 1] -> logits [B, 10]; `features`
+    gives the penultimate [B, 128]."""
 
-    def __init__(self, image_shape: tuple[int, int, int] = LEGACY_SHAPE):
+    def __init__(self, image_shape: tuple[int, ...] = LEGACY_SHAPE):
         super().__init__()
         self.image_shape = tuple(image_shape)
         channels, height, width = self.image_shape
@@ -105,7 +111,7 @@ def data_label(data: str, data_dir: str | Path | None) -> str:
 
 
 def default_classifier_path(
-    data: str, data_dir: str | Path | None, image_shape: tuple[int, int, int] = LEGACY_SHAPE
+    data: str, data_dir: str | Path | None, image_shape: tuple[int, ...] = LEGACY_SHAPE
 ) -> Path:
     """The shipped MNIST-5k classifier for MNIST data at 1 x 28 x 28; else
     checkpoints/classifier_<data>.pt (classifier_<data>_<C>x<H>x<W>.pt at other shapes), trained
@@ -126,14 +132,14 @@ def train_classifier(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
-) -> MnistClassifier:
+) -> SmallCNNClassifier:
     """Train a fresh classifier with Adam and cross-entropy; returns it in eval mode.
 
     images: [N, C, H, W] in [-1, 1]; labels: [N] in 0..9. Seeds torch's global RNG with seed
     (initial weights, dropout) and draws the batch order from its own generator.
     """
     torch.manual_seed(seed)
-    model = MnistClassifier(tuple(images.shape[1:])).to(device)
+    model = SmallCNNClassifier(tuple(images.shape[1:])).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     images, labels = images.to(device), labels.to(device)
@@ -169,7 +175,7 @@ def judge(model: nn.Module, images: torch.Tensor) -> dict[str, Any]:
     return {"mean_confidence": confidence.mean().item(), "class_fractions": (counts / len(images)).tolist()}
 
 
-def save_classifier(model: MnistClassifier, path: str | Path, **info: Any) -> None:
+def save_classifier(model: SmallCNNClassifier, path: str | Path, **info: Any) -> None:
     """Write the weights, the image shape and plain-value info (data, test_accuracy, ...) atomically."""
     state = {
         "format": CLASSIFIER_FORMAT,
@@ -183,12 +189,14 @@ def save_classifier(model: MnistClassifier, path: str | Path, **info: Any) -> No
 
 def load_classifier(
     path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[MnistClassifier, dict[str, Any]]:
+) -> tuple[SmallCNNClassifier, dict[str, Any]]:
     """The classifier in eval mode, and its file's other entries (data, test_accuracy, ...)."""
     state = read_torch_file(path, device, "classifier file", ClassifierError)
     if not isinstance(state, dict) or state.get("format") != CLASSIFIER_FORMAT:
-        raise ClassifierError(f"{path} is not a classifier file of this repo (python -m ddpm.evaluation.train_classifier)")
-    model = MnistClassifier(tuple(state.get("image_shape", LEGACY_SHAPE))).to(device)
+        raise ClassifierError(
+            f"{path} is not a classifier file of this repo (python -m ddpm.evaluation.train_classifier)"
+        )
+    model = SmallCNNClassifier(tuple(state.get("image_shape", LEGACY_SHAPE))).to(device)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as error:
@@ -198,19 +206,49 @@ def load_classifier(
     return model.eval(), {key: value for key, value in state.items() if key != "model"}
 
 
+@dataclass
+class LoadedClassifier:
+    """A classifier file read once: its path, the network (eval mode, on the CPU) and its other entries."""
+
+    path: Path
+    model: SmallCNNClassifier
+    info: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: str | Path) -> LoadedClassifier:
+        model, info = load_classifier(path)
+        return cls(Path(path), model, info)
+
+    def on(self, device: str | torch.device) -> SmallCNNClassifier:
+        """The network on device: itself on the CPU, else a copy there."""
+        if torch.device(device).type == "cpu":
+            return self.model
+        return copy.deepcopy(self.model).to(device)
+
+
 class ClassifierFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity feature extractor: uint8 [B, 3, H, W] (0..255) -> "128" and/or "logits".
 
     For a 1-channel classifier the three channels (a grey image replicated) are averaged back to
     one; then the images are mapped to [-1, 1] as in data_sources.to_model_range. "128"
     (penultimate) serves FID, KID and precision/recall, "logits" the IS. torch-fidelity builds it
-    as cls(name, features_list, **calculate_metrics kwargs).
+    as cls(name, features_list, **calculate_metrics kwargs): a `classifier_model` among them (the
+    network of feature_extractor_weights_path, already loaded) is copied rather than read again.
     """
 
-    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path=None, **kwargs):
+    def __init__(
+        self,
+        name: str,
+        features_list: list[str],
+        feature_extractor_weights_path=None,
+        classifier_model: SmallCNNClassifier | None = None,
+        **kwargs,
+    ):
         super().__init__(name, features_list)
         vassert(feature_extractor_weights_path is not None, f"{name} needs feature_extractor_weights_path")
-        self.classifier, _ = load_classifier(feature_extractor_weights_path)
+        if classifier_model is None:
+            classifier_model, _ = load_classifier(feature_extractor_weights_path)
+        self.classifier = copy.deepcopy(classifier_model)  # torch-fidelity moves its extractor in place
         self.requires_grad_(False)
 
     @staticmethod
@@ -279,7 +317,8 @@ def train_and_save(
     test_images, test_labels = load_images(data, "test", data_dir, image_size=image_size, channels=channels)
     if len(train_labels.unique()) < 2:
         raise ClassifierError(f"{data_label(data, data_dir)} has one class: there is no classifier to train")
-    path = Path(path) if path is not None else default_classifier_path(data, data_dir, train_images.shape[1:])
+    shape = tuple(train_images.shape[1:])
+    path = Path(path) if path is not None else default_classifier_path(data, data_dir, shape)
     writable_dir(path.parent)
     epochs = epochs or default_epochs(len(train_images), batch_size)
     model = train_classifier(train_images, train_labels, epochs, batch_size, lr, seed, device, progress=True)
@@ -301,10 +340,10 @@ def ensure_classifier(
     path: str | Path | None = None,
     device: str | torch.device = "cpu",
     image_shape: tuple[int, int, int] = LEGACY_SHAPE,
-) -> Path:
-    """The classifier file for a data set's images of image_shape: `path` if given (it must exist
-    and take that shape), else the default one, trained and cached there once (with one line saying
-    so) when it does not exist yet."""
+) -> LoadedClassifier:
+    """The classifier for a data set's images of image_shape, read once: from `path` if given (it must
+    exist and take that shape), else from the default file, trained (on device) and cached there once
+    (with one line saying so) when it does not exist yet."""
     from ddpm.plumbing.messages import note
 
     if path is not None:
@@ -320,13 +359,13 @@ def ensure_classifier(
     note(f"no classifier for {label} yet: training one on its train split, cached at {path}")
     channels, height, width = image_shape
     train_and_save(path, data, data_dir, device=device, image_size=(height, width), channels=channels)
-    return path
+    return LoadedClassifier.read(path)
 
 
-def checked_shape(path: Path, image_shape: tuple[int, int, int]) -> Path:
-    """path, if it is a classifier file for images of image_shape; else a one-line ClassifierError."""
-    model, _ = load_classifier(path)
-    if model.image_shape != tuple(image_shape):
-        shapes = ["x".join(map(str, shape)) for shape in (model.image_shape, image_shape)]
+def checked_shape(path: Path, image_shape: tuple[int, int, int]) -> LoadedClassifier:
+    """The classifier of path, if it takes images of image_shape; else a one-line ClassifierError."""
+    loaded = LoadedClassifier.read(path)
+    if loaded.model.image_shape != tuple(image_shape):
+        shapes = ["x".join(map(str, shape)) for shape in (loaded.model.image_shape, image_shape)]
         raise ClassifierError(f"the classifier {path} takes {shapes[0]} images, these are {shapes[1]}")
-    return path
+    return loaded

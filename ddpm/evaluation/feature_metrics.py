@@ -15,10 +15,10 @@ KID is averaged over random subsets of min(1000, half the smaller set) images, s
 spread over subsets that differ (subsets as large as the sets would all be the same set).
 
 Example:
-    extractor, _ = classifier_extractor(Path("weights/classifier_mnist5k.pt"), "mnist-5k")
+    extractor, _ = classifier_extractor(LoadedClassifier.read("weights/classifier_mnist5k.pt"), "mnist-5k")
     comparison = Comparison(real_set(test_images, "mnist-5k", "test"), [extractor], batch_size=250,
                             seed=0, device=torch.device("cpu"))
-    metrics = fidelity_metrics(ImageSet(to_uint8(samples)), extractor, comparison)
+    scores = fidelity_metrics(ImageSet(to_uint8(samples)), extractor, comparison)   # FidelityScores
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from ddpm.evaluation.classifier import (
     EXTRACTOR_NAME,
     UINT8_MAX,
-    load_classifier,
+    LoadedClassifier,
+    SmallCNNClassifier,
     register_with_torch_fidelity,
 )
 from ddpm.evaluation.image_metrics import to_uint8
+from ddpm.evaluation.records import FidelityScores, SetScores
 from ddpm.plumbing.checkpointing import READ_ERRORS
 from ddpm.plumbing.messages import UserError, note
 from ddpm.plumbing.provenance import sha256_of_file, sha256_of_tensor
@@ -49,18 +51,20 @@ DOWNLOAD_TIMEOUT_S = 20
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default, lowered to half the smaller set when needed
 ISC_SPLITS = 10  # torch-fidelity's default, lowered to the number of images when needed
 PRC_NEIGHBOURHOOD = 3  # torch-fidelity's k of precision/recall: each set needs more images than k
+MIN_SET_SIZE = PRC_NEIGHBOURHOOD + 1  # the fewest images per compared set (checked before sampling)
 SHORT_HASH = 12
-METRIC_KEYS = ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall")
 
 
 @dataclass
 class Extractor:
-    """A torch-fidelity feature extractor and the weights file it is built from."""
+    """A torch-fidelity feature extractor, the weights file it is built from and, for the classifier,
+    its network already loaded (handed to torch-fidelity rather than read again)."""
 
     label: str  # "classifier" or "inception"
     name: str  # the name registered with torch-fidelity
     weights_path: Path
     sha256: str
+    model: SmallCNNClassifier | None = None
 
 
 @dataclass
@@ -145,13 +149,13 @@ def inception_extractor(weights: str | Path | None) -> tuple[Extractor | None, d
     return extractor, used(extractor)
 
 
-def classifier_extractor(path: Path, data_label: str) -> tuple[Extractor, dict[str, Any]]:
+def classifier_extractor(classifier: LoadedClassifier, data_label: str) -> tuple[Extractor, dict[str, Any]]:
     """The classifier extractor (registered with torch-fidelity) and its provenance."""
-    _, info = load_classifier(path)
+    path, info = classifier.path, classifier.info
     if info.get("data") != data_label:
         note(f"the classifier {path} was trained on {info.get('data')}, not {data_label}")
     register_with_torch_fidelity()
-    extractor = Extractor("classifier", EXTRACTOR_NAME, path, sha256_of_file(path))
+    extractor = Extractor("classifier", EXTRACTOR_NAME, path, sha256_of_file(path), classifier.model)
     return extractor, used(extractor) | {
         "trained_on": info.get("data"),
         "test_accuracy": info.get("test_accuracy"),
@@ -216,15 +220,12 @@ def kid_subset_size(first: int, second: int) -> int:
     return max(2, min(KID_SUBSET_SIZE, min(first, second) // 2))
 
 
-def fidelity_metrics(candidate: ImageSet, extractor: Extractor, comparison: Comparison) -> dict[str, float]:
+def fidelity_metrics(candidate: ImageSet, extractor: Extractor, comparison: Comparison) -> FidelityScores:
     """FID, IS (of the candidate), KID and precision/recall against the reference, by
-    torch_fidelity.calculate_metrics. IS uses min(10, N) splits."""
+    torch_fidelity.calculate_metrics. IS uses min(10, N) splits; each set holds at least MIN_SET_SIZE
+    images (the callers' counts are checked before sampling)."""
     reference = comparison.reference
-    if len(candidate.images) <= PRC_NEIGHBOURHOOD:
-        raise UserError(
-            f"precision/recall need at least {PRC_NEIGHBOURHOOD + 1} images per set, "
-            f"got {len(candidate.images)}: raise --num-samples"
-        )
+    loaded = {} if extractor.model is None else {"classifier_model": extractor.model}
     subset_size = kid_subset_size(len(candidate.images), len(reference.images))
     result = torch_fidelity.calculate_metrics(
         input1=Uint8Images(candidate.images),
@@ -245,24 +246,27 @@ def fidelity_metrics(candidate: ImageSet, extractor: Extractor, comparison: Comp
         cache_root=comparison.cache_dir,
         save_cpu_ram=True,  # in-memory images: no DataLoader worker processes
         verbose=False,
+        **loaded,
     )
-    return {
-        "fid": result[torch_fidelity.KEY_METRIC_FID],
-        "is_mean": result[torch_fidelity.KEY_METRIC_ISC_MEAN],
-        "is_std": result[torch_fidelity.KEY_METRIC_ISC_STD],
-        "kid_mean": result[torch_fidelity.KEY_METRIC_KID_MEAN],
-        "kid_std": result[torch_fidelity.KEY_METRIC_KID_STD],
-        "precision": result[torch_fidelity.KEY_METRIC_PRECISION],
-        "recall": result[torch_fidelity.KEY_METRIC_RECALL],
-        "kid_subset_size": subset_size,
-        "num_images": len(candidate.images),
-        "num_reference": len(reference.images),
-    }
+    return FidelityScores(
+        fid=result[torch_fidelity.KEY_METRIC_FID],
+        is_mean=result[torch_fidelity.KEY_METRIC_ISC_MEAN],
+        is_std=result[torch_fidelity.KEY_METRIC_ISC_STD],
+        kid_mean=result[torch_fidelity.KEY_METRIC_KID_MEAN],
+        kid_std=result[torch_fidelity.KEY_METRIC_KID_STD],
+        precision=result[torch_fidelity.KEY_METRIC_PRECISION],
+        recall=result[torch_fidelity.KEY_METRIC_RECALL],
+        kid_subset_size=subset_size,
+        num_images=len(candidate.images),
+        num_reference=len(reference.images),
+    )
 
 
-def metrics_per_extractor(candidate: ImageSet, comparison: Comparison) -> dict[str, dict[str, float]]:
-    """{"classifier": {...}, "inception": {...}} for the extractors that are available."""
-    return {
-        extractor.label: fidelity_metrics(candidate, extractor, comparison)
-        for extractor in comparison.extractors
-    }
+def metrics_per_extractor(candidate: ImageSet, comparison: Comparison) -> SetScores:
+    """The candidate's FidelityScores with each available extractor (classifier, inception)."""
+    return SetScores(
+        **{
+            extractor.label: fidelity_metrics(candidate, extractor, comparison)
+            for extractor in comparison.extractors
+        }
+    )

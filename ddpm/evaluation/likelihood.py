@@ -23,19 +23,19 @@ After improved-diffusion (Nichol & Dhariwal 2021, arXiv:2102.09672): gaussian_di
 `discretized_gaussian_log_likelihood` (here with the exact normal CDF, torch.special.log_ndtr).
 
 Example:
-    report = nll_bits_per_dim(model, diffusion, images, None, batch_size=100, seed=0, device=device)
-    report["bits_per_dim"]
+    bound = nll_bits_per_dim(model, diffusion, images, None, batch_size=100, seed=0, device=device)
+    bound.bits_per_dim
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from ddpm.evaluation.records import NllBound
 from diffusion import GaussianDiffusion, extract
 
 BIN_HALF_WIDTH = 1 / 255  # 8-bit values on [-1, 1] sit 2/255 apart
@@ -75,11 +75,18 @@ def mean_bits(nats: torch.Tensor) -> torch.Tensor:
     return nats.flatten(1).mean(dim=1) / math.log(2.0)
 
 
+def buffer(schedule: torch.Tensor | nn.Module) -> torch.Tensor:
+    """A schedule tensor of GaussianDiffusion (a registered buffer, which nn.Module types as
+    Tensor | Module)."""
+    assert isinstance(schedule, torch.Tensor)
+    return schedule
+
+
 def prior_bpd(diffusion: GaussianDiffusion, x0: torch.Tensor) -> torch.Tensor:
     """L_T in bits/dim [B]: KL(q(x_T | x_0) || N(0, I)), with q(x_T | x_0) from eq. 4."""
     t = torch.full((x0.shape[0],), diffusion.T - 1, device=x0.device, dtype=torch.long)
-    mean = extract(diffusion.sqrt_alphas_cumprod, t, x0.shape) * x0
-    log_variance = torch.log(1.0 - extract(diffusion.alphas_cumprod, t, x0.shape))
+    mean = extract(buffer(diffusion.sqrt_alphas_cumprod), t, x0.shape) * x0
+    log_variance = torch.log(1.0 - extract(buffer(diffusion.alphas_cumprod), t, x0.shape))
     return mean_bits(normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(mean)))
 
 
@@ -94,7 +101,7 @@ def vb_terms_bpd(
     """One term of the bound in bits/dim [B] at x_t [B, C, H, W] (t [B]): L_{t} = KL(q(x_{t-1} | x_t,
     x_0) || p_theta(x_{t-1} | x_t)) where t > 0, the decoder's -log p_theta(x_0 | x_1) where t = 0."""
     true_mean, _ = diffusion.q_posterior(x0, x_t, t)  # eqs. 6-7
-    true_log_variance = extract(diffusion.posterior_log_variance_clipped, t, x_t.shape)
+    true_log_variance = extract(buffer(diffusion.posterior_log_variance_clipped), t, x_t.shape)
     model_out = diffusion.p_mean_variance(model, x_t, t, labels, clip_x0=True)
     kl = mean_bits(normal_kl(true_mean, true_log_variance, model_out["mean"], model_out["log_variance"]))
     log_scales = 0.5 * model_out["log_variance"]
@@ -137,7 +144,7 @@ def nll_bits_per_dim(
     batch_size: int,
     seed: int,
     device: torch.device,
-) -> dict[str, Any]:
+) -> NllBound:
     """The bound in bits/dim of images [N, C, H, W] (a class-conditional model: given their labels),
     in batches, with a progress bar over the N/batch_size x T model evaluations.
 
@@ -155,15 +162,15 @@ def nll_bits_per_dim(
     terms = torch.cat([part["terms"] for part in parts], dim=1).double().cpu()
     prior = torch.cat([part["prior"] for part in parts]).double().cpu()
     total = torch.cat([part["total"] for part in parts]).double().cpu()
-    return {
-        "bits_per_dim": total.mean().item(),
-        "bits_per_dim_std": total.std().item() if len(total) > 1 else 0.0,
-        "bits_per_dim_sem": total.std().item() / math.sqrt(len(total)) if len(total) > 1 else 0.0,
-        "prior_bpd": prior.mean().item(),
-        "decoder_bpd": terms[0].mean().item(),
-        "kl_terms_bpd": terms[1:].sum(dim=0).mean().item(),
-        "terms_per_t": terms.mean(dim=1).tolist(),
-        "num_images": len(images),
-        "variance": VARIANCE_CHOICE,
-        "clip_x0": True,
-    }
+    return NllBound(
+        bits_per_dim=total.mean().item(),
+        bits_per_dim_std=total.std().item() if len(total) > 1 else 0.0,
+        bits_per_dim_sem=total.std().item() / math.sqrt(len(total)) if len(total) > 1 else 0.0,
+        prior_bpd=prior.mean().item(),
+        decoder_bpd=terms[0].mean().item(),
+        kl_terms_bpd=terms[1:].sum(dim=0).mean().item(),
+        terms_per_t=terms.mean(dim=1).tolist(),
+        num_images=len(images),
+        variance=VARIANCE_CHOICE,
+        clip_x0=True,
+    )

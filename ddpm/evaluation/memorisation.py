@@ -11,21 +11,23 @@ diffusion models", arXiv:2301.13188) in spirit, with a threshold calibrated on h
 
 Example:
     result = CopyDetector(train_images, test_images, classifier_model).check(samples)
-    result.summary()["pixels"]["copy_rate"]
+    result.summary().pixels.copy_rate
     save_image_grid(result.closest_pairs(samples, train_images), "closest.png", columns=16)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
 
 from ddpm.datasets.sources import to_model_range
+from ddpm.evaluation.classifier import SmallCNNClassifier
 from ddpm.evaluation.image_metrics import to_uint8
+from ddpm.evaluation.records import ClosestPair, MemorisationSummary, SpaceSummary
 
 COPY_PERCENTILE = 1.0  # a sample nearer than this percentile of held-out images' distances is a copy
 NUM_CLOSEST_PAIRS = 16
@@ -52,15 +54,15 @@ class SpaceResult:
         """The COPY_PERCENTILE-th percentile of the held-out images' nearest-training distances."""
         return torch.quantile(self.held_out.distances.double(), COPY_PERCENTILE / 100).item()
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> SpaceSummary:
         threshold = self.threshold
-        return {
-            "copy_rate": (self.samples.distances < threshold).double().mean().item(),
-            "threshold": threshold,
-            "median_distance": self.samples.distances.median().item(),
-            "held_out_median_distance": self.held_out.distances.median().item(),
-            "held_out_copy_rate": (self.held_out.distances < threshold).double().mean().item(),
-        }
+        return SpaceSummary(
+            copy_rate=(self.samples.distances < threshold).double().mean().item(),
+            threshold=threshold,
+            median_distance=self.samples.distances.median().item(),
+            held_out_median_distance=self.held_out.distances.median().item(),
+            held_out_copy_rate=(self.held_out.distances < threshold).double().mean().item(),
+        )
 
 
 @dataclass
@@ -69,20 +71,21 @@ class Memorisation:
 
     spaces: dict[str, SpaceResult]  # "pixels", "classifier"
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> MemorisationSummary:
         """Per space: copy rate, threshold, median distances; and the NUM_CLOSEST_PAIRS closest pairs
         in pixels (sample index, training index, distance)."""
-        closest = self.closest_in_pixels()
         pixels = self.spaces["pixels"].samples
-        return {name: space.summary() for name, space in self.spaces.items()} | {
-            "percentile": COPY_PERCENTILE,
-            "num_samples": len(pixels.distances),
-            "num_held_out": len(self.spaces["pixels"].held_out.distances),
-            "closest": [
-                {"sample": int(i), "train": int(pixels.indices[i]), "distance": pixels.distances[i].item()}
-                for i in closest
+        return MemorisationSummary(
+            pixels=self.spaces["pixels"].summary(),
+            classifier=self.spaces["classifier"].summary(),
+            percentile=COPY_PERCENTILE,
+            num_samples=len(pixels.distances),
+            num_held_out=len(self.spaces["pixels"].held_out.distances),
+            closest=[
+                ClosestPair(int(i), int(pixels.indices[i]), pixels.distances[i].item())
+                for i in self.closest_in_pixels()
             ],
-        }
+        )
 
     def closest_in_pixels(self) -> torch.Tensor:
         """Indices of the NUM_CLOSEST_PAIRS samples nearest (in pixels) to a training image."""
@@ -101,7 +104,7 @@ class Memorisation:
         header = ["repeat", "sample"]
         header += [f"{name}_{part}" for name in names for part in ("train_index", "distance")]
         count = len(self.spaces[names[0]].samples.distances)
-        body = [
+        body: list[list[Any]] = [
             [repeat, i]
             + [
                 value
@@ -132,7 +135,7 @@ def pixel_vectors(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def feature_vectors(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def feature_vectors(classifier: SmallCNNClassifier, images: torch.Tensor) -> torch.Tensor:
     """The classifier's penultimate features [N, 128] of images [N, C, H, W] in [-1, 1]."""
     device = next(classifier.parameters()).device
     return torch.cat([classifier.features(chunk.to(device)).cpu() for chunk in images.split(CHUNK)])
@@ -145,8 +148,11 @@ class CopyDetector:
     train_images, held_out: [N, C, H, W] in [-1, 1]; classifier: classifier.py's CNN (its features).
     """
 
-    def __init__(self, train_images: torch.Tensor, held_out: torch.Tensor, classifier: nn.Module):
-        self.embeddings = {"pixels": pixel_vectors, "classifier": partial(feature_vectors, classifier)}
+    def __init__(self, train_images: torch.Tensor, held_out: torch.Tensor, classifier: SmallCNNClassifier):
+        self.embeddings: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            "pixels": pixel_vectors,
+            "classifier": partial(feature_vectors, classifier),
+        }
         self.train_vectors = {name: embed(train_images) for name, embed in self.embeddings.items()}
         self.held_out = {
             name: nearest_neighbours(embed(held_out), self.train_vectors[name])

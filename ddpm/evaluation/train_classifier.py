@@ -6,7 +6,7 @@ eval_MNIST.py itself, or by this script.
 
 Examples (about two minutes on a 2-core CPU for MNIST-5k):
     python -m ddpm.evaluation.train_classifier --data mnist-5k --out weights/classifier_mnist5k.pt
-    python -m ddpm.evaluation.train_classifier --data fashion-mnist      # -> checkpoints/classifier_fashion-mnist.pt
+    python -m ddpm.evaluation.train_classifier --data fashion-mnist  # checkpoints/classifier_fashion-mnist.pt
 """
 
 from __future__ import annotations

@@ -1,9 +1,14 @@
-"""eval_MNIST.py and ddpm.evaluation.train_classifier on CPU, offline, with tens of samples from the tiny checkpoint.
+"""The evaluation area: eval_MNIST.py, its pipeline (ddpm/evaluation), its report (JSON and table), the
+classifier metrics through torch-fidelity and the classifier's trainer, on CPU, offline, with tens of
+samples from the tiny checkpoint.
 
-One evaluation run (module fixture) with a classifier trained for one epoch by mnist_classifier's
-own entry point, baselines, two repeats, memorisation, the NLL bound on 4 test images and an
-Inception weights file that does not exist, feeds the report tests; the torch-fidelity tests call
-feature_metrics' functions directly on 200 real images.
+One evaluation run (module fixture) with a classifier trained for one epoch by train_classifier's own
+entry point, baselines, two repeats, memorisation, the NLL bound on 4 test images and an Inception
+weights file that does not exist, feeds the report tests; the torch-fidelity tests call
+feature_metrics' functions directly on 200 real images; the table test formats hand-made records
+against a golden text. The likelihood bound and the copy check have files of their own
+(test_likelihood.py, test_memorisation.py): each checks its own math against closed forms or
+calibrated real data, with no evaluation run.
 """
 
 from __future__ import annotations
@@ -15,23 +20,51 @@ import json
 import math
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_eval
 from PIL import Image
 from torch_fidelity import feature_extractor_inceptionv3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import eval_MNIST
 from ddpm import sampling
-from ddpm.datasets.sources import load_images, write_idx
-from ddpm.evaluation import classifier, feature_metrics, image_metrics, repeats, train_classifier
-from ddpm.evaluation import evaluate as evaluation_module
+from ddpm.datasets.idx import write_idx
+from ddpm.datasets.sources import load_images
+from ddpm.evaluation import classifier, feature_metrics, image_metrics, train_classifier
+from ddpm.evaluation.inputs import load_judge, load_model, load_real_data, output_paths
+from ddpm.evaluation.real_image_metrics import nll_of_test_split, reconstruction_scores
+from ddpm.evaluation.records import (
+    CasScores,
+    CheckpointInfo,
+    ClosestPair,
+    DataInfo,
+    EvaluationReport,
+    FidelityScores,
+    MemorisationSummary,
+    Metrics,
+    NllBound,
+    Outputs,
+    Provenance,
+    Reconstruction,
+    ReconstructionAtT,
+    SamplingInfo,
+    SetScores,
+    SpaceSummary,
+)
+from ddpm.evaluation.repeats import Spread, summarise_repeats
+from ddpm.evaluation.report import as_json, format_report
+from ddpm.evaluation.sample_sets import score_sample_sets
+from ddpm.evaluation.scoring import compare_with_test_split
 from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, load_for_inference, save_checkpoint
 from ddpm.plumbing.cli import run_cli
 from ddpm.plumbing.provenance import sha256_of_file
-from ddpm.plumbing.settings import SamplingSettings
+from ddpm.plumbing.runtime import plan_speed
+from ddpm.plumbing.settings import EvaluationSettings, SamplingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 40
@@ -59,21 +92,13 @@ def offline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifier_path(tmp_path_factory) -> Path:
-    """A classifier trained for one epoch on MNIST-5k through `python -m ddpm.evaluation.train_classifier`'s main."""
+    """A classifier trained for one epoch on MNIST-5k by train_classifier's main (python -m ...)."""
     path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         train_classifier.main(["--data", "mnist-5k", "--epochs", "1", "--out", str(path), "--device", "cpu"])
     assert "test accuracy" in output.getvalue()
     return path
-
-
-def run_eval(argv: list[str]) -> tuple[str, str]:
-    """eval_MNIST.main(argv) in this process; returns its stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        eval_MNIST.main(argv)
-    return out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +151,8 @@ def real_images() -> dict[str, torch.Tensor]:
 
 
 def classifier_comparison(classifier_path: Path, reference: torch.Tensor, cache_dir: Path):
-    extractor, _ = feature_metrics.classifier_extractor(classifier_path, "mnist-5k")
+    loaded = classifier.LoadedClassifier.read(classifier_path)
+    extractor, _ = feature_metrics.classifier_extractor(loaded, "mnist-5k")
     reference_set = feature_metrics.real_set(reference, "mnist-5k", "test")
     comparison = feature_metrics.Comparison(
         reference_set,
@@ -146,7 +172,7 @@ def test_fid_of_a_set_against_itself_is_zero(classifier_path, real_images, tmp_p
     extractor, comparison = classifier_comparison(classifier_path, real_images["test"], tmp_path)
     same = feature_metrics.ImageSet(image_metrics.to_uint8(real_images["test"]))
     metrics = feature_metrics.fidelity_metrics(same, extractor, comparison)
-    assert abs(metrics["fid"]) < SELF_FID_TOLERANCE
+    assert abs(metrics.fid) < SELF_FID_TOLERANCE
 
 
 def test_fid_of_train_images_is_far_below_noise(classifier_path, real_images, tmp_path):
@@ -155,33 +181,28 @@ def test_fid_of_train_images_is_far_below_noise(classifier_path, real_images, tm
     noise_set = feature_metrics.noise_set(NUM_REAL, (1, 28, 28), seed=0)
     floor = feature_metrics.fidelity_metrics(floor_set, extractor, comparison)
     ceiling = feature_metrics.fidelity_metrics(noise_set, extractor, comparison)
-    assert 0 < floor["fid"] < ceiling["fid"] / 4
-    assert floor["kid_mean"] < ceiling["kid_mean"]
-    assert floor["is_mean"] > ceiling["is_mean"]  # real digits are confidently classified, noise is not
+    assert 0 < floor.fid < ceiling.fid / 4
+    assert floor.kid_mean < ceiling.kid_mean
+    assert floor.is_mean > ceiling.is_mean  # real digits are confidently classified, noise is not
 
 
-def test_classifier_is_registered_used_by_torch_fidelity_and_reference_cached(
-    classifier_path, real_images, tmp_path, monkeypatch
+def test_classifier_is_registered_and_the_reference_features_come_from_the_cache(
+    classifier_path, real_images, tmp_path
 ):
-    """torch-fidelity builds the registered extractor; the second run reads the reference from its cache."""
-    seen = []
-    forward = classifier.ClassifierFeatureExtractor.forward
-
-    def counting_forward(self, x):
-        seen.append(len(x))
-        return forward(self, x)
-
-    monkeypatch.setattr(classifier.ClassifierFeatureExtractor, "forward", counting_forward)
+    """torch-fidelity builds the registered extractor; a second run reads the reference from its cache:
+    the reference images swapped for noise under the same cache name give the very same numbers, and
+    under a new name (no cache entry) other ones."""
     extractor, comparison = classifier_comparison(classifier_path, real_images["test"], tmp_path)
     assert FEATURE_EXTRACTORS_REGISTRY[extractor.name] is classifier.ClassifierFeatureExtractor
     candidate = feature_metrics.ImageSet(image_metrics.to_uint8(real_images["train"][:50]))
-
     first = feature_metrics.fidelity_metrics(candidate, extractor, comparison)
-    assert sum(seen) == 50 + NUM_REAL
-    seen.clear()
-    second = feature_metrics.fidelity_metrics(candidate, extractor, comparison)
-    assert sum(seen) == 50  # only the candidate: reference features and statistics came from the cache
-    assert second == first
+    assert any(tmp_path.rglob("*mnist-5k-test-200-*"))  # the reference's entry, named after its content
+
+    noise = feature_metrics.noise_set(NUM_REAL, (1, 28, 28), seed=0).images
+    cached = replace(comparison, reference=replace(comparison.reference, images=noise))
+    assert feature_metrics.fidelity_metrics(candidate, extractor, cached) == first
+    uncached = replace(comparison, reference=feature_metrics.ImageSet(noise, "noise-reference"))
+    assert feature_metrics.fidelity_metrics(candidate, extractor, uncached).fid != first.fid
 
 
 # ----- the full run ------------------------------------------------------------------------------
@@ -265,25 +286,163 @@ def test_repeats_give_the_mean_spread_and_values_of_every_number(evaluation, nam
 
 
 def test_summary_of_repeats_averages_numbers_and_lists_and_keeps_counts_and_text():
-    first = {"fid": 40.0, "num_images": 10, "fractions": [0.5, 0.5], "note": "a", "cas": {"accuracy": 0.5}}
-    second = {"fid": 44.0, "num_images": 10, "fractions": [0.25, 0.75], "note": "b", "cas": {"accuracy": 0.7}}
-    summary = repeats.summarise_repeats([first, second])
-    assert summary["fid"] == 42.0 and summary["num_images"] == 10 and summary["note"] == "a"
-    assert summary["fractions"] == [0.375, 0.625]
-    assert summary["over_repeats"] == {
-        "fid": {"mean": 42.0, "std": pytest.approx(2 * math.sqrt(2)), "values": [40.0, 44.0]}
+    """Two repeats of hand-made records: numbers averaged with their spread (std with ddof = 1 of
+    40 and 44: 2 sqrt(2)), lists averaged element-wise, counts and text kept from the first."""
+    first = MemorisationSummary(
+        pixels=SpaceSummary(0.0, 1.5, 5.0, 5.5, 0.01),
+        classifier=SpaceSummary(0.5, 3.0, 14.0, 12.0, 0.01),
+        percentile=1.0,
+        num_samples=10,
+        num_held_out=1000,
+        closest=[ClosestPair(3, 7, 1.25)],
+    )
+    second = replace(first, pixels=SpaceSummary(0.25, 1.5, 7.0, 5.5, 0.01), closest=[ClosestPair(4, 8, 2.5)])
+    summary = summarise_repeats([first, second])
+    assert summary.pixels.copy_rate == 0.125 and summary.pixels.median_distance == 6.0
+    assert summary.pixels.over_repeats["median_distance"] == Spread(
+        6.0, pytest.approx(math.sqrt(2)), [5.0, 7.0]
+    )
+    assert summary.classifier.over_repeats["copy_rate"] == Spread(0.5, 0.0, [0.5, 0.5])
+    assert summary.num_samples == 10 and summary.closest == [ClosestPair(3, 7, 1.25)]
+    assert set(summary.over_repeats) == {"percentile"}  # a number, though the same in both repeats
+    scores = [FidelityScores(40.0, 8.0, 0.2, 10.0, 1.0, 0.7, 0.8, 5, 10, 20, 0.9, [0.5, 0.5]),
+              FidelityScores(44.0, 8.0, 0.2, 10.0, 1.0, 0.7, 0.8, 5, 10, 20, 0.9, [0.25, 0.75])]  # fmt: skip
+    averaged = summarise_repeats(scores)
+    assert averaged.fid == 42.0 and averaged.class_fractions == [0.375, 0.625]
+    assert averaged.over_repeats["fid"] == Spread(42.0, pytest.approx(2 * math.sqrt(2)), [40.0, 44.0])
+    assert "kid_subset_size" not in averaged.over_repeats and averaged.kid_subset_size == 5
+    assert summarise_repeats([first]) is first
+
+
+def hand_made_report() -> EvaluationReport:
+    """A report of two repeats with every section, its numbers chosen by hand (binary fractions, so
+    that each prints exactly)."""
+    spread = {
+        "fid": Spread(30.5, 1.25, [29.5, 31.5]),
+        "is_mean": Spread(8.5, 0.125, [8.375, 8.625]),
+        "kid_mean": Spread(12.0, 3.5, [9.5, 14.5]),
+        "precision": Spread(0.75, 0.0625, [0.6875, 0.8125]),
+        "recall": Spread(0.875, 0.025, [0.85, 0.9]),
+        "mean_confidence": Spread(0.9375, 0.0, [0.9375, 0.9375]),
     }
-    assert summary["cas"]["accuracy"] == pytest.approx(0.6) and "accuracy" in summary["cas"]["over_repeats"]
-    assert repeats.summarise_repeats([first]) is first
+    generated = FidelityScores(
+        30.5, 8.5, 0.25, 12.0, 20.0, 0.75, 0.875, 20, 40, 1000, 0.9375, [0.1] * 10, spread
+    )
+    floor = replace(generated, fid=20.25, over_repeats={**spread, "fid": Spread(20.25, 0.5, [19.75, 20.75])})
+    ceiling = FidelityScores(2267.5, 1.25, 0.0625, 2412.0, 108.5, 0.25, 0.0, 20, 40, 1000, 0.625, [0.1] * 10)
+    space = SpaceSummary(0.025, 1.75, 5.5, 5.25, 0.01, {"copy_rate": Spread(0.025, 0.0125, [0.0125, 0.0375])})
+    recon = ReconstructionAtT(4, 0.0005, 0.0001, 33.5, 1.25, 0.953125, 0.015625)
+    return EvaluationReport(
+        Provenance(
+            checkpoint=CheckpointInfo("runs/x/last.pt", "0" * 64, 3, 120, "ema", {}),
+            data=DataInfo("mnist-5k", "test", 1000, "1" * 64),
+            sampling=SamplingInfo("ddim", 4, 0.0, 1.0, 40, [0, 1], 250, "none", None, False),
+            seed=0,
+            repeats=2,
+            feature_extractors={},
+            versions={},
+            device="cpu",
+            command="eval_MNIST.py",
+        ),  # fmt: skip
+        Metrics(
+            generated=SetScores(classifier=generated),
+            floor=SetScores(classifier=floor),
+            ceiling=SetScores(classifier=ceiling),
+            cas=CasScores(0.5, 1, 40, 1000, {"cas_accuracy": Spread(0.5, 0.125, [0.375, 0.625])}),
+            memorisation=MemorisationSummary(space, space, 1.0, 40, 1000, []),
+            reconstruction=Reconstruction(8, {"5": recon, "99": recon}, {}),
+            nll=NllBound(3.5, 0.25, 0.125, 0.0005, 1.5, 2.0, [0.0] * 100, 4, "beta_tilde", True),
+        ),
+        Outputs("r.json", "r_samples.png", "r_closest.png", "r_nearest.csv"),
+    )
 
 
-def test_table_shows_mean_and_std_over_repeats_next_to_the_floor(evaluation):
+GOLDEN_TABLE = "\n".join(  # printed by the table code before the records, from hand_made_report's JSON
+    [
+        "",
+        "runs/x/last.pt (ema weights, epoch 3, step 120): 40 samples, ddim 4 steps, eta "
+        "0.0, guidance 1.0, seed 0",
+        "reference: mnist-5k test split, 1000 images",
+        "metric                             generated         train (floor)       noise (ceiling)",
+        "classifier FID                   30.5 ± 1.25           20.25 ± 0.5                  2268",
+        "classifier IS                    8.5 ± 0.125           8.5 ± 0.125         1.25 ± 0.0625",
+        "classifier KID                      12 ± 3.5              12 ± 3.5            2412 ± 108",
+        "classifier precision           0.75 ± 0.0625         0.75 ± 0.0625                  0.25",
+        "classifier recall              0.875 ± 0.025         0.875 ± 0.025                     0",
+        "classifier confidence             0.9375 ± 0            0.9375 ± 0                 0.625",
+        "±: standard deviation over 2 sample sets (seeds) and 2 floor subsets; the noise "
+        "ceiling's: IS over splits, KID over random subsets of 20 images",
+        "memorisation (nearest training image; a copy is nearer than percentile 1 of the "
+        "same distance of 1000 held-out test images):",
+        "  pixels, L2 on [0, 1]       copy rate 0.025 ± 0.0125, median distance 5.5 "
+        "(held-out test images: 5.25)",
+        "  classifier features, L2    copy rate 0.025 ± 0.0125, median distance 5.5 "
+        "(held-out test images: 5.25)",
+        "CAS (classifier trained on the samples, tested on real test images): accuracy 0.5 ± 0.125",
+        "NLL bound (Ho et al. eq. 5) on 4 test images: 3.5000 ± 0.1250 bits/dim (± "
+        "standard error; prior 0.0005, KL terms 2.0000, decoder L_0 1.5000)",
+        "reconstruction, mean ± std (MSE on [0, 1] pixels, PSNR in dB with peak 1, SSIM data_range=1):",
+        "  t=   5 (   4 steps)  MSE 0.0005 ± 0.0001  PSNR 33.5000 ± 1.2500  SSIM 0.9531 ± 0.0156",
+        "  t=  99 (   4 steps)  MSE 0.0005 ± 0.0001  PSNR 33.5000 ± 1.2500  SSIM 0.9531 ± 0.0156",
+    ]
+)
+
+
+def test_table_of_hand_made_records_is_the_golden_text():
+    """The golden text is what the table code printed before the records, given the same numbers as JSON."""
+    assert format_report(hand_made_report()) == GOLDEN_TABLE
+
+
+def test_json_of_records_keeps_field_order_and_leaves_out_what_was_not_measured():
+    report = as_json(hand_made_report())
+    assert list(report) == ["provenance", "metrics", "outputs"]
+    generated = report["metrics"]["generated"]
+    assert list(generated) == ["classifier"]  # no Inception scores: no key
+    assert list(generated["classifier"])[:3] == ["fid", "is_mean", "is_std"]
+    assert list(generated["classifier"])[-1] == "over_repeats"
+    assert generated["classifier"]["over_repeats"]["fid"] == {
+        "mean": 30.5,
+        "std": 1.25,
+        "values": [29.5, 31.5],
+    }
+    assert "over_repeats" not in report["metrics"]["ceiling"]["classifier"]  # drawn once
+    assert report["metrics"]["cas"] == {
+        "cas_accuracy": 0.5, "epochs": 1, "num_train": 40, "num_test": 1000,
+        "over_repeats": {"cas_accuracy": {"mean": 0.5, "std": 0.125, "values": [0.375, 0.625]}},
+    }  # fmt: skip
+    assert as_json(SetScores()) == {}  # CAS alone: no feature metrics, an empty object as before
+
+
+def key_paths(value, prefix: str = "") -> list[str]:
+    """Every key of a JSON document as a dotted path, in document order (a list by its first item, the
+    reconstruction's timesteps as "t", each path once)."""
+    if isinstance(value, list):
+        return key_paths(value[0], prefix + "[]") if value and isinstance(value[0], dict) else []
+    if not isinstance(value, dict):
+        return []
+    paths = []
+    for key, item in value.items():
+        name = prefix + ("t" if prefix.endswith("per_t.") else key)
+        paths += [name, *key_paths(item, name + ".")]
+    return list(dict.fromkeys(paths))
+
+
+def test_json_layout_is_the_shipped_demo_reports(evaluation):
+    """The run's JSON has the shipped weights/demo_mnist5k_eval.json's keys, in its order, plus only
+    what that run did not ask for: the spreads of --repeats 2, the NLL bound."""
+    demo = json.loads((REPO / "weights" / "demo_mnist5k_eval.json").read_text())
+    config = "provenance.checkpoint.config."  # the checkpoint's own, not the report's layout
+    ours = [path for path in key_paths(evaluation["report"]) if not path.startswith(config)]
+    added = [path for path in ours if "over_repeats" in path or path.startswith("metrics.nll.")]
+    shipped = [path for path in key_paths(demo) if not path.startswith(config)]
+    assert [path for path in ours if path not in added] == shipped
+
+
+def test_the_run_s_table_says_what_its_spreads_are(evaluation):
     lines = evaluation["stdout"].splitlines()
-    fid_line = next(line for line in lines if line.startswith("classifier FID"))
-    generated = evaluation["report"]["metrics"]["generated"]["classifier"]["over_repeats"]["fid"]
-    floor = evaluation["report"]["metrics"]["floor"]["classifier"]["over_repeats"]["fid"]
-    assert f"{generated['mean']:.4g} ± {generated['std']:.3g}" in fid_line
-    assert f"{floor['mean']:.4g} ± {floor['std']:.3g}" in fid_line
+    header = next(line for line in lines if line.startswith("metric"))
+    assert header.split() == ["metric", "generated", "train", "(floor)", "noise", "(ceiling)"]
+    assert sum(line.startswith("classifier ") for line in lines) == 6  # FID, IS, KID, P, R, confidence
     assert f"standard deviation over {REPEATS} sample sets" in evaluation["stdout"]
 
 
@@ -316,7 +475,7 @@ def test_nll_bound_is_in_the_report_with_every_term(evaluation):
 def test_kid_subsets_are_smaller_than_the_sets(evaluation):
     """With 40 samples, KID's subsets hold half of them, so its spread is over subsets that differ."""
     generated = evaluation["report"]["metrics"]["generated"]["classifier"]
-    assert generated["kid_subset_size"] == NUM_SAMPLES // 2 < feature_metrics.KID_SUBSET_SIZE
+    assert generated["kid_subset_size"] == NUM_SAMPLES // 2 < 1000  # torch-fidelity's default size
     assert min(generated["over_repeats"]["kid_std"]["values"]) > 0
 
 
@@ -350,7 +509,7 @@ def test_missing_inception_weights_say_one_line_and_classifier_metrics_still_run
 def test_sample_grid_is_written_beside_the_json(evaluation):
     grid = evaluation["folder"] / "report_samples.png"
     assert evaluation["report"]["outputs"]["samples_png"] == str(grid)
-    rows = NUM_SAMPLES // evaluation_module.GRID_COLUMNS
+    rows = NUM_SAMPLES // 10  # rows of 10
     assert Image.open(grid).size == (2 * (10 * 30 + 2), 2 * (rows * 30 + 2))  # 28 px + 2 px padding, x2
 
 
@@ -411,17 +570,26 @@ class LikeCompiled(torch.nn.Module):
         return self.model(*inputs)
 
 
-def test_evaluation_runs_with_a_compiled_unet(tiny_checkpoint, classifier_path, tmp_path, monkeypatch):
-    """--compile hands the rest of eval_MNIST a wrapper without a truth value: it must never be
-    tested with `if model` (that raised TypeError once). The wrapper here is torch.compile's stand-in,
-    since compiling itself takes a minute on a CPU."""
-    monkeypatch.setattr(evaluation_module, "prepare_unet", lambda model, plan: LikeCompiled(model))
-    json_path = tmp_path / "report.json"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--num-samples", "4", "--steps", "2",
-            "--metrics", "classifier", "--classifier", str(classifier_path), "--json", str(json_path),
-            "--device", "cpu"]  # fmt: skip
-    run_eval(argv)
-    assert json.loads(json_path.read_text())["metrics"]["generated"]["classifier"]
+def test_evaluation_runs_with_a_compiled_unet(tiny_checkpoint, classifier_path, tmp_path):
+    """--compile hands the evaluation a wrapper without a truth value: it must never be tested with
+    `if model` (that raised TypeError once). The loaded model's network is swapped for torch.compile's
+    stand-in (compiling itself takes a minute on a CPU) and goes through the sample sets, the
+    reconstruction and the NLL bound."""
+    device = torch.device("cpu")
+    settings = EvaluationSettings(checkpoint=str(tiny_checkpoint), num_samples=4, metrics=("classifier",),
+                                  classifier=str(classifier_path), json=str(tmp_path / "r.json"),
+                                  recon_t=(5,), num_recon=2, num_nll=2)  # fmt: skip
+    sampling_settings = SamplingSettings(steps=2)
+    plan = plan_speed("none", "off", "auto", "off", device)
+    loaded = load_model(settings, sampling_settings, plan, device)
+    compiled = replace(loaded, network=LikeCompiled(loaded.network))
+    real = load_real_data("mnist-5k", None, compiled.image_shape)
+    comparison, _ = compare_with_test_split(settings, real, load_judge(settings, real, True, device), device)
+    paths = output_paths(settings, "compiled")
+    scores = score_sample_sets(compiled, settings, sampling_settings, plan, real, paths, comparison, None)
+    assert scores.generated.classifier is not None and paths.samples_png.is_file()
+    assert reconstruction_scores(compiled, settings, sampling_settings, plan, real, device).num_images == 2
+    assert nll_of_test_split(compiled, settings, real, device).num_images == 2
 
 
 def test_conditional_model_gets_cas_and_a_grid_row_per_class(tmp_path, tiny_checkpoint):
@@ -531,10 +699,32 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, tiny_checkpoint, monke
     argv = [argument.format(tmp=tmp_path, tiny=tiny_checkpoint) for argument in arguments]
     monkeypatch.chdir(tmp_path)  # no checkpoints/ folder for the default --checkpoint
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: eval_MNIST.main([*argv, "--num-samples", "2", "--device", "cpu"]))
+        run_cli(lambda: eval_MNIST.main([*argv, "--num-samples", "4", "--device", "cpu"]))
     assert exit_info.value.code == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0]
+
+
+@pytest.mark.parametrize(
+    ("num_samples", "metrics", "minimum"),
+    [("3", "classifier,memorisation,recon", "4"), ("1", "memorisation,recon", "2")],
+)
+def test_too_few_samples_fail_in_one_line_before_any_sampling(
+    num_samples, metrics, minimum, tiny_checkpoint, tmp_path, capsys
+):
+    """Precision/recall need more than k = 3 images per set, FID two: --num-samples below that stops
+    at once (the tiny model draws 40 samples in seconds; this takes well under that), with no grid."""
+    argv = ["--checkpoint", str(tiny_checkpoint), "--num-samples", num_samples, "--metrics", metrics,
+            "--steps", "50", "--out-dir", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: eval_MNIST.main(argv))
+    seconds = time.perf_counter() - start
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"error: --num-samples must be at least {minimum} (")
+    assert errors[0].endswith(f"got {num_samples}")
+    assert list(tmp_path.iterdir()) == [] and seconds < 10  # no sample grid, no report
 
 
 def test_command_line_error_is_one_line(tmp_path):
@@ -567,6 +757,16 @@ def test_classifier_file_round_trips_and_default_paths_do_not_collide(classifier
         classifier.default_classifier_path("mnist", "data/b"),
     }
     assert len(others) == 3 and classifier.SHIPPED_CLASSIFIER not in {path.resolve() for path in others}
+
+
+def test_the_shipped_classifier_file_loads_as_the_small_cnn():
+    """Old files keep loading: the shipped one (sha256 pinned, format "mnist-classifier", version 1 or
+    2) is read unchanged into SmallCNNClassifier."""
+    assert sha256_of_file(classifier.SHIPPED_CLASSIFIER) == classifier.SHIPPED_CLASSIFIER_SHA256
+    loaded = classifier.LoadedClassifier.read(classifier.SHIPPED_CLASSIFIER)
+    assert isinstance(loaded.model, classifier.SmallCNNClassifier) and loaded.model.image_shape == (1, 28, 28)
+    assert loaded.info["format"] == "mnist-classifier" and loaded.info["data"] == "mnist-5k"
+    assert not loaded.model.training
 
 
 def test_corrupt_classifier_file_is_a_user_error(tmp_path):
