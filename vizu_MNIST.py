@@ -2,8 +2,10 @@
 Test digits (spread over the classes) are noised to step --t with q(x_t | x_0) (eq. 4 of Ho et al.
 2020, arXiv:2006.11239) and denoised back by the checkpoint's sampler, recording at every model
 evaluation the MSE and SSIM of x_t and of the predicted x0; --t-sweep tabulates the final MSE/SSIM
-from several starting steps, --generate starts from pure noise. Pictures, a GIF and CSVs go to
---out-dir. Details: docs/visualisation.md.
+from several starting steps, --generate starts from pure noise; --interpolate slerps between
+DDIM-inverted digits (Song et al. 2021, arXiv:2010.02502) and --inpaint fills a masked region with
+RePaint (Lugmayr et al. 2022, arXiv:2201.09865). Pictures, a GIF and CSVs go to --out-dir. Details:
+docs/visualisation.md.
 
 Examples:
     python vizu_MNIST.py                                     # the demo model (or yours), t = 500, DDPM
@@ -12,24 +14,36 @@ Examples:
     python vizu_MNIST.py --generate --num-images 8
     python vizu_MNIST.py --generate --num-images 100 --sampler ddim --steps 50   # when digits are decided
     python vizu_MNIST.py --checkpoint CONDITIONAL.pt --generate --guidance 1,2,4 --num-images 20
+    python vizu_MNIST.py --interpolate --index 3,2 --frames 8             # DDIM inversion, 100 steps
+    python vizu_MNIST.py --inpaint right --num-images 8                   # RePaint, 100 levels, j = r = 10
 """
 
 from __future__ import annotations
 
 from ddpm.plumbing.cli import OneLineErrorParser, run_cli
-from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
-from ddpm.visualisation.visualise import visualise
+from ddpm.plumbing.settings import (
+    DataSettings,
+    EditingSettings,
+    GuidedSamplingSettings,
+    VisualisationSettings,
+)
+from ddpm.visualisation.visualise import DEFAULT_SAMPLING, visualise
+
+SETTINGS = (VisualisationSettings, GuidedSamplingSettings, DataSettings, EditingSettings)
+STEPS_HELP = (
+    "model evaluations from t down to 0 (default: min(50, t+1); ddpm always t+1); --interpolate: DDIM steps "
+    "of the inversion and of each decoding (default 100); --inpaint: RePaint's noise levels (default 100)"
+)
 
 
 def parse_args(argv: list[str] | None):
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     VisualisationSettings.add_flags(parser)
-    GuidedSamplingSettings.add_flags(parser, GuidedSamplingSettings(sampler="ddpm"))
+    GuidedSamplingSettings.add_flags(parser, DEFAULT_SAMPLING, {"steps": STEPS_HELP})
     DataSettings.add_checkpoint_flags(parser)
+    EditingSettings.add_flags(parser)
     args = parser.parse_args(argv)
-    return tuple(
-        part.from_args(args) for part in (VisualisationSettings, GuidedSamplingSettings, DataSettings)
-    )
+    return tuple(part.from_args(args) for part in SETTINGS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,8 @@
 `generate_samples` draws N images in batches from fixed, seeded noise under the U-Net's autocast;
 `reconstruction_sweep` noises real images to each t with q(x_t | x_0) (Ho et al. 2020,
 arXiv:2006.11239, eq. 4), runs the reverse process back to 0 and scores the result (MSE, PSNR,
-SSIM on the [0, 1] scale). `check_sampling` is the one validation of sampler flags.
+SSIM on the [0, 1] scale). `check_sampling` is the one validation of sampler flags, `check_sweep`
+its run over every start t of a sweep.
 
 Timesteps as in diffusion.py: t in {0..T-1}. Reconstruction from t with DDPM makes t+1 model
 evaluations; DDIM and DPM-Solver++ make min(--steps, t+1) (default min(50, t+1)).
@@ -15,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, cast
 
 import numpy as np
@@ -50,6 +52,22 @@ def check_sampling(
         raise UserError(f"--sampler {sampling.sampler} --steps {sampling.steps}: {error}") from None
     if sampling.guidance != 1.0 and num_classes is None:
         raise UserError("--guidance needs a class-conditional checkpoint; this one is unconditional")
+    if sampling.s_churn != 0.0 and sampling.sampler != "heun":
+        raise UserError(f"--s-churn is Karras' S_churn, for --sampler heun (not {sampling.sampler})")
+
+
+def check_sweep(
+    diffusion: GaussianDiffusion, sampling: SamplingSettings, num_classes: int | None, timesteps: list[int]
+) -> None:
+    """check_sampling for every start t of a reconstruction sweep, with the evaluations that t gets
+    (steps_from), so that a count the sampler cannot make from some t (heun needs 3 or 4) is one
+    UserError before any sampling, not a ValueError mid-sweep."""
+    for t in timesteps:
+        steps = steps_from(sampling, t)
+        try:
+            check_sampling(diffusion, replace(sampling, steps=steps), num_classes, t)
+        except UserError as error:
+            raise UserError(f"reconstruction from t = {t}: {error}") from None
 
 
 def check_start_t(t: int, T: int, flag: str) -> None:
@@ -116,6 +134,7 @@ def generate_samples(
                 sampler=sampling.sampler,
                 steps=sampling.steps,
                 eta=sampling.eta,
+                s_churn=sampling.s_churn,
                 generator=generator,
                 labels=None if labels is None else labels[start : start + size].to(device),
                 guidance=sampling.guidance,
@@ -154,6 +173,7 @@ def reconstruct_images(
             sampler=sampling.sampler,
             steps=steps,
             eta=sampling.eta,
+            s_churn=sampling.s_churn,
             labels=batch_labels,
             guidance=sampling.guidance,
         )
@@ -179,6 +199,7 @@ def reconstruction_sweep(
     scored against the originals. Returns {"num_images", "per_t": {t: {"steps", "mse_mean",
     "mse_std", "psnr_mean", ..., "ssim_std"}}} with t as a string key (for JSON)."""
     labels = labels if model.num_classes is not None else None
+    check_sweep(diffusion, sampling, cast(int | None, model.num_classes), timesteps)
     per_t = {}
     for t in tqdm(timesteps, desc="reconstruction sweep", unit="t", leave=False):
         denoised = reconstruct_images(

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 from helpers import TINY_UNET_FLAGS
 
-from benchmarks import chaos, colour_training, sampling_speed, steps_vs_quality, throughput, time_to_digits
+from benchmarks import (
+    chaos,
+    colour_training,
+    editing_quality,
+    sampling_speed,
+    steps_vs_quality,
+    throughput,
+    time_to_digits,
+)
 from ddpm.plumbing.messages import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +93,27 @@ def test_steps_vs_quality_scores_each_sampler(tiny_checkpoint, tmp_path):
     for row in [*report["rows"], report["real_train_images"]]:
         assert math.isfinite(row["fid"]) and 0 <= row["precision"] <= 1 and len(row["class_fractions"]) == 10
     assert report["real_train_images"]["fid"] < min(row["fid"] for row in report["rows"])
+
+
+def test_editing_quality_scores_the_round_trip_and_the_inpainted_holes(tiny_checkpoint, tmp_path):
+    argv = ["--checkpoint", str(tiny_checkpoint), "--num-images", "4", "--inversion-steps", "3",
+            "--levels", "4", "--jump-length", "2", "--resamples", "2", "--sample-steps", "2",
+            "--batch-size", "3", "--device", "cpu", "--json", str(tmp_path / "e.json")]  # fmt: skip
+    printed = run_quietly(editing_quality.main, argv)
+    report = json.loads((tmp_path / "e.json").read_text())
+    inversion, inpainting = report["inversion"], report["inpainting"]
+    assert report["num_images"] == 4 and inversion["steps"] == 3 and 0 < inversion["mse"]["mean"] < 1
+    assert inpainting["evaluations"] == 4 + 1 * 2 * 1 and inpainting["known_mse_max"] == 0.0
+    assert inpainting["hole_pixels"] == 28 * 14 and math.isfinite(
+        inpainting["hole_mse_unconditional"]["mean"]
+    )
+    assert set(inpainting["classifier_agreement"]) == {
+        "originals",
+        "masked_inputs",
+        "repaint",
+        "unconditional_samples",
+    }
+    assert "DDIM inversion round trip" in printed
 
 
 def test_time_to_digits_trains_through_the_trainer_and_evaluates(tmp_path):

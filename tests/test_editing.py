@@ -1,16 +1,34 @@
 """Closed-form checks of diffusion.py's edits of real images: DDIM inversion (Song et al. 2021,
 arXiv:2010.02502, section 4.3), RePaint inpainting (Lugmayr et al. 2022, arXiv:2201.09865) and the
-spherical interpolation of latents, with the exact denoiser of Gaussian data."""
+spherical interpolation of latents, with the exact denoiser of Gaussian data; then vizu_MNIST.py's
+--interpolate and --inpaint on the tiny checkpoints (files, round trips, the exact known region, bad
+input), and --sampler heun's flags (--s-churn, start steps too small for it)."""
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_diffusion import MU, SIGMA, CountingOracle, GaussianOracle, LabelSpy, oracle_affine
 
+import vizu_MNIST as vizu
+from ddpm.datasets.sources import load_images
+from ddpm.evaluation.image_metrics import mse
+from ddpm.plumbing.checkpointing import load_for_inference
+from ddpm.plumbing.cli import run_cli
+from ddpm.plumbing.messages import USER_ERROR_EXIT_CODE, UserError
+from ddpm.plumbing.settings import SamplingSettings
+from ddpm.sampling import reconstruction_sweep
+from ddpm.visualisation.inpainting import RepaintPlan
+from ddpm.visualisation.interpolation import ddim_decode, interpolate, noise_latents
+from ddpm.visualisation.masks import make_mask, region_mse
+from ddpm.visualisation.pictures import GRID_SCALE
+from ddpm.visualisation.trajectories import reconstruction_trajectory
 from diffusion import GaussianDiffusion, repaint_schedule, slerp
 
 # ----- DDIM inversion ------------------------------------------------------------------------------
@@ -210,3 +228,198 @@ def test_slerp_follows_the_great_circle_per_sample():
     expected[0, 0, 0, :2] = torch.tensor([math.cos(0.3 * math.pi / 2), math.sin(0.3 * math.pi / 2)])
     expected[1, 0, 0, 0] = 0.7 + 0.3 * 2
     torch.testing.assert_close(mid, expected)
+
+
+# ----- vizu_MNIST.py --interpolate and --inpaint, and --sampler heun, on the tiny checkpoint -------
+
+
+def run_vizu(checkpoint: Path, out_dir: Path, flags: str) -> None:
+    """vizu_MNIST.main in-process on the CPU, with space-separated extra flags."""
+    vizu.main(["--checkpoint", str(checkpoint), "--out-dir", str(out_dir), "--device", "cpu", *flags.split()])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def gif_frame_count(path: Path) -> int:
+    with Image.open(path) as gif:
+        return gif.n_frames
+
+
+def test_interpolate_writes_strip_gif_csv_and_its_end_frames_are_round_trips(tiny_checkpoint, tmp_path):
+    """Test digits 0 and 5 (T = 100, 4 DDIM steps, 5 frames): the CSV's round-trip MSE of the end frames
+    is that of decode(invert(x)) computed here on its own (up to the U-Net's float rounding, which
+    depends on the batch: 5e-3 per pixel after 4 steps of the tiny model)."""
+    run_vizu(tiny_checkpoint, tmp_path, "--interpolate --index 0,5 --steps 4 --frames 5")
+    rows = read_csv(tmp_path / "interpolation.csv")
+    assert [float(row["alpha"]) for row in rows] == [0, 0.25, 0.5, 0.75, 1]
+    assert [row["roundtrip_mse"] != "" for row in rows] == [True, False, False, False, True]
+    assert {(row["from"], row["to"]) for row in rows} == {("0", "5")}
+    assert gif_frame_count(tmp_path / "interpolation.gif") == 5
+    with Image.open(tmp_path / "interpolation.png") as strip:  # 1 row: digit, 5 frames, digit
+        assert strip.size == (GRID_SCALE * (7 * 30 + 2), GRID_SCALE * 32)
+    model, diffusion, _ = load_for_inference(tiny_checkpoint, torch.device("cpu"))
+    images = load_images("mnist-5k", "test")[0][[0, 5]]
+    alone = ddim_decode(model, diffusion, diffusion.ddim_invert(model, images, 4), 4, None, 1.0)
+    written = [float(rows[frame]["roundtrip_mse"]) for frame in (0, -1)]
+    np.testing.assert_allclose(written, mse(alone, images), rtol=0.02)
+
+
+def test_interpolation_end_frames_equal_decode_of_the_inversion_exactly():
+    """With the per-pixel Gaussian oracle (no float rounding that depends on the batch) frame 0 of each
+    pair is decode(invert(x_a)) and the last frame decode(invert(x_b)), bit for bit; the label of a
+    conditional model switches from the first digit's to the second's at alpha = 1/2."""
+    diffusion = GaussianDiffusion(T=100)
+    oracle = GaussianOracle(diffusion, MU, SIGMA)
+    images = MU + SIGMA * torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    result = interpolate(
+        oracle, diffusion, frames=4, steps=10, originals=images, labels=torch.tensor([3, 5, 8])
+    )
+    round_trips = ddim_decode(oracle, diffusion, diffusion.ddim_invert(oracle, images, 10), 10, None, 1.0)
+    assert result.frames.shape == (2, 4, 1, 4, 4)
+    assert torch.equal(result.frames[:, 0], round_trips[:2]) and torch.equal(
+        result.frames[:, -1], round_trips[1:]
+    )
+    assert result.labels is not None and result.labels.tolist() == [[3, 3, 5, 5], [5, 5, 8, 8]]
+
+
+def test_interpolate_from_noise_starts_at_each_seeds_noise(tiny_checkpoint, tmp_path):
+    run_vizu(
+        tiny_checkpoint, tmp_path, "--interpolate --from-noise --num-images 3 --steps 3 --frames 4 --seed 7"
+    )
+    rows = read_csv(tmp_path / "interpolation.csv")
+    assert [(row["pair"], row["from"], row["to"]) for row in rows] == [("0", "7", "8")] * 4 + [
+        ("1", "8", "9")
+    ] * 4
+    assert all(row["roundtrip_mse"] == "" for row in rows)
+    latents = noise_latents(3, (1, 28, 28), 7, torch.device("cpu"))
+    assert torch.equal(latents[1], torch.randn((1, 1, 28, 28), generator=torch.Generator().manual_seed(8))[0])
+
+
+def test_interpolation_of_a_conditional_model_switches_the_label_halfway(
+    trained_conditional_checkpoint, tmp_path
+):
+    run_vizu(trained_conditional_checkpoint, tmp_path, "--interpolate --index 0,1 --steps 3 --frames 4")
+    labels = load_images("mnist-5k", "test")[1][[0, 1]].tolist()
+    assert [int(row["label"]) for row in read_csv(tmp_path / "interpolation.csv")] == [labels[0]] * 2 + [
+        labels[1]
+    ] * 2
+
+
+def test_inpaint_keeps_the_known_region_exactly_and_writes_every_file(tiny_checkpoint, tmp_path):
+    """RePaint with 6 levels, j = 2, r = 2 (6 + 2 x 2 x 1 = 10 evaluations) on 3 test digits."""
+    run_vizu(
+        tiny_checkpoint, tmp_path, "--inpaint right --index 0,5,7 --steps 6 --jump-length 2 --resamples 2"
+    )
+    rows = read_csv(tmp_path / "inpainting.csv")
+    assert [int(row["image"]) for row in rows] == [0, 5, 7]
+    assert all(float(row["mse_known"]) == 0.0 for row in rows)
+    assert all(float(row["mse_hole"]) > 0 and row["classified"] != "" for row in rows)
+    assert gif_frame_count(tmp_path / "reverse.gif") == 10 + 1
+    for name in ("inpainting.png", "strip.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == "PNG"
+    assert RepaintPlan(6, 2, 2).evaluations == 10 and RepaintPlan(250, 10, 10).evaluations == 2410
+
+
+def test_inpaint_conditional_model_with_guidance(trained_conditional_checkpoint, tmp_path):
+    run_vizu(
+        trained_conditional_checkpoint,
+        tmp_path,
+        "--inpaint centre --num-images 2 --steps 4 --resamples 1 --guidance 2",
+    )
+    assert all(float(row["mse_known"]) == 0.0 for row in read_csv(tmp_path / "inpainting.csv"))
+
+
+def test_masks_name_the_hole_and_a_png_keeps_its_white_pixels(tmp_path):
+    right = make_mask("right", (28, 28), seed=0)
+    assert right.shape == (1, 1, 28, 28) and right[..., :14].eq(1).all() and right[..., 14:].eq(0).all()
+    centre = make_mask("centre", (28, 28), seed=0)
+    assert (1 - centre).sum() == 14 * 14 and centre[..., 7:21, 7:21].eq(0).all()
+    assert torch.equal(make_mask("random", (28, 28), 3), make_mask("random", (28, 28), 3))
+    keep_left = np.zeros((28, 28), np.uint8)
+    keep_left[:, :14] = 255
+    Image.fromarray(keep_left).save(tmp_path / "keep_left.png")
+    assert torch.equal(make_mask(str(tmp_path / "keep_left.png"), (28, 28), seed=0), right)
+    images, references = torch.zeros(2, 1, 28, 28), torch.zeros(2, 1, 28, 28)
+    references[..., 14:] = 1  # the right half differs by 1 in [-1, 1], 0.5 on the [0, 1] scale
+    np.testing.assert_allclose(region_mse(images, references, 1 - right), 0.25)
+    np.testing.assert_allclose(region_mse(images, references, right), 0.0)
+
+
+@pytest.fixture(scope="module")
+def odd_masks(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("masks")
+    for name, size, value in (("small", (20, 20), 255), ("white", (28, 28), 255), ("black", (28, 28), 0)):
+        Image.fromarray(np.full(size, value, np.uint8)).save(folder / f"{name}.png")
+    return {name: folder / f"{name}.png" for name in ("small", "white", "black")}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--inpaint {small}", "the mask is 20x20 pixels, the images 28x28"),
+        ("--inpaint {white}", "the mask is full (nothing to inpaint)"),
+        ("--inpaint {black}", "the mask is empty (no pixel kept)"),
+        ("--inpaint diagonal", "--inpaint must be one of left, right, top, bottom, centre, random"),
+        ("--interpolate --index 3", "--interpolate needs at least two images"),
+        ("--interpolate --num-images 1", "--interpolate needs at least two images"),
+        ("--interpolate --steps 101", "--steps must be in [1, 100]"),
+        ("--inpaint left --sampler ddim", "--sampler, --eta and --s-churn do not apply"),
+        ("--interpolate --inpaint left", "--interpolate and --inpaint are separate modes"),
+        ("--from-noise", "--from-noise is for --interpolate"),
+        ("--inpaint left --guidance 2", "--guidance needs a class-conditional checkpoint"),
+        ("--t 1 --sampler heun", "steps must be in [3, 2] to start at t=1"),
+        ("--t 30 --sampler heun --steps 2", "steps must be in [3, 31]"),
+        ("--t-sweep --sweep-t 1,50 --sampler heun", "reconstruction from t = 1: --sampler heun"),
+        ("--t 30 --sampler ddim --s-churn 1", "--s-churn is Karras' S_churn, for --sampler heun"),
+    ],
+)
+def test_bad_editing_input_is_one_line_and_exit_2(
+    tiny_checkpoint, odd_masks, tmp_path, capsys, flags, message
+):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: run_vizu(tiny_checkpoint, tmp_path, flags.format(**odd_masks)))
+    assert exit_info.value.code == USER_ERROR_EXIT_CODE
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and len(error.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.csv"))
+
+
+def test_reconstruction_sweep_checks_every_start_before_sampling():
+    """heun cannot run from t = 1 (2 evaluations at most, 3 needed): a UserError naming that t, before
+    the model is called at all (the sweep would have started at t = 50)."""
+    diffusion = GaussianDiffusion(T=100)
+    oracle = CountingOracle(diffusion, MU, SIGMA)
+    oracle.num_classes = None
+    with pytest.raises(UserError, match="reconstruction from t = 1: "):
+        reconstruction_sweep(
+            oracle, diffusion, torch.zeros(2, 1, 4, 4), [50, 1], sampling=SamplingSettings("heun"), seed=0,
+            device=torch.device("cpu"),
+        )  # fmt: skip
+    assert oracle.calls == []
+
+
+def test_s_churn_reaches_heun_through_the_trajectories():
+    """From the same noised start (one seed), Heun with S_churn = 2 (Algorithm 2) raises the noise of
+    each level to a higher trained step t_hat before evaluating there (gamma = min(2 / 4 levels,
+    sqrt(2) - 1)) and ends elsewhere than the deterministic Algorithm 1 (S_churn = 0)."""
+    diffusion = GaussianDiffusion(T=100)
+    oracle = GaussianOracle(diffusion, MU, SIGMA)
+    x0 = torch.full((2, 1, 8, 8), 0.3)  # SSIM needs 7 x 7
+    plain, churned = (
+        reconstruction_trajectory(
+            oracle,
+            diffusion,
+            x0,
+            60,
+            SamplingSettings("heun", steps=7, s_churn=churn),
+            torch.Generator().manual_seed(0),
+        )
+        for churn in (0.0, 2.0)
+    )
+    assert not torch.equal(churned.x_t[-1], plain.x_t[-1])
+    churned_up = [hat > t for hat, t in zip(churned.timesteps[:-1], plain.timesteps[:-1], strict=True)]
+    assert churned.timesteps[0] > plain.timesteps[0] == 60 and any(churned_up)  # sigma raised to t_hat > t

@@ -222,11 +222,21 @@ class SamplerChoice(Settings):
     """The sampling flags SamplingSettings and GuidedSamplingSettings share: sampler, steps, eta."""
 
     TITLE = "sampling (diffusion.py)"
-    sampler: str = setting("ddim", "reverse process: ddpm (all T steps), ddim or dpm++2m", choices=SAMPLERS)
+    sampler: str = setting(
+        "ddim",
+        "reverse process: ddpm (all T steps), ddim, dpm++2m, or heun (Karras et al. 2022: 2 evaluations per "
+        "noise level, so at least 3 or 4)",
+        choices=SAMPLERS,
+    )
     steps: int | None = setting(
         None, "model evaluations from t down to 0 (default: min(50, t+1); ddpm always t+1)", positive_int
     )
     eta: float = setting(0.0, "DDIM eta (0: deterministic, 1: DDPM's posterior variance)", non_negative_float)
+    s_churn: float = setting(
+        0.0,
+        "heun: Karras et al.'s S_churn (Algorithm 2; 0: the deterministic Algorithm 1)",
+        non_negative_float,
+    )
 
 
 @dataclass(frozen=True)
@@ -249,7 +259,9 @@ class GuidedSamplingSettings(SamplerChoice):
 
     def at(self, guidance: float) -> SamplingSettings:
         """The plain sampling settings with one guidance scale."""
-        return SamplingSettings(sampler=self.sampler, steps=self.steps, eta=self.eta, guidance=guidance)
+        return SamplingSettings(
+            sampler=self.sampler, steps=self.steps, eta=self.eta, s_churn=self.s_churn, guidance=guidance
+        )
 
 
 @dataclass(frozen=True)
@@ -356,3 +368,22 @@ class VisualisationSettings(Settings):
     out_dir: str = setting("step_outputs_mnist", "where images, CSVs and plots go")
     seed: int = setting(0, "seed for the image choice, the noise and the sampler", seed_number)
     device: str = setting("auto", "auto | cpu | cuda[:N]")
+
+
+@dataclass(frozen=True)
+class EditingSettings(Settings):
+    """vizu_MNIST.py's edits of real images: interpolation between DDIM-inverted digits, RePaint."""
+
+    TITLE = "editing test digits (vizu_MNIST.py --interpolate, --inpaint)"
+    interpolate: bool = setting(
+        False, "DDIM-invert the images, slerp between consecutive ones' x_T and decode each frame"
+    )
+    from_noise: bool = setting(False, "--interpolate between the noises of seeds --seed, --seed+1, ...")
+    frames: int = setting(8, "--interpolate: frames per pair, the two ends included", int_between(2, 1000))
+    inpaint: str | None = setting(
+        None,
+        "inpaint with RePaint the region left, right, top, bottom, centre or random (half the pixels), or "
+        "a PNG mask of the image's size (white: keep, black: inpaint)",
+    )
+    jump_length: int = setting(10, "--inpaint: RePaint's jump length j (levels per jump back)", positive_int)
+    resamples: int = setting(10, "--inpaint: RePaint's resamplings r at each jump point", positive_int)

@@ -97,6 +97,7 @@ def reconstruction_trajectory(
         sampler=sampling.sampler,
         steps=sampling.steps,
         eta=sampling.eta,
+        s_churn=sampling.s_churn,
         labels=labels,
         guidance=sampling.guidance,
     )
@@ -121,6 +122,7 @@ def generation_trajectory(
         sampler=sampling.sampler,
         steps=sampling.steps,
         eta=sampling.eta,
+        s_churn=sampling.s_churn,
         generator=generator,
         labels=labels,
         guidance=sampling.guidance,

@@ -9,13 +9,17 @@ sampling loop of its own):
   --generate      samples from pure noise: generated.png strip.png curves.png metrics.csv reverse.gif;
                   with several --guidance values (1,2,4) the same noise with each, files suffixed
                   _guidance<g>
+  --interpolate   slerp between DDIM-inverted test digits (or seeds' noises), decoded by DDIM
+                  (interpolation.py): interpolation.png interpolation.gif interpolation.csv
+  --inpaint MASK  RePaint of the test digits' hole (inpainting.py, masks.py): inpainting.png strip.png
+                  reverse.gif inpainting.csv
 Reconstruction and generation also record the classifier's class of x0-hat at every step (classifier.py,
 the shipped one for MNIST): commitment.png (the final class's probability against t per image, and a
 histogram of the t at which the predicted class stops changing), commitment.csv (per image: label,
 final class, that t and step; the probability per step is in metrics.csv).
 
 Example:
-    visualise(VisualisationSettings(t=500), SamplingSettings(sampler="ddpm"), DataSettings(data=None))
+    visualise(VisualisationSettings(t=500), GuidedSamplingSettings(sampler="ddpm"), DataSettings(data=None))
 """
 
 from __future__ import annotations
@@ -23,21 +27,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import cast
 
-import numpy as np
 import torch
 from torch import nn
 
 from ddpm.datasets.sources import load_images, shape_options, spread_over_classes
-from ddpm.evaluation.classifier import data_label, default_classifier_path, load_classifier
 from ddpm.plumbing.checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
-from ddpm.plumbing.messages import UserError, note
+from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import writable_dir, write_csv
 from ddpm.plumbing.runtime import resolve_device, seed_everything
-from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
-from ddpm.sampling import check_sampling, reconstruction_sweep, sweep_timesteps
+from ddpm.plumbing.settings import (
+    DataSettings,
+    EditingSettings,
+    GuidedSamplingSettings,
+    SamplingSettings,
+    VisualisationSettings,
+)
+from ddpm.sampling import check_sampling, check_sweep, reconstruction_sweep, sweep_timesteps
+from ddpm.visualisation.commitment import (
+    COMMITMENT_HEADER,
+    commitment_judge,
+    commitment_rows,
+    commitment_summary,
+)
+from ddpm.visualisation.inpainting import DEFAULT_INPAINT_LEVELS, RepaintPlan, run_inpainting
+from ddpm.visualisation.interpolation import DEFAULT_INVERSION_STEPS, noise_latents, run_interpolation
+from ddpm.visualisation.masks import make_mask
 from ddpm.visualisation.pictures import (
     save_change_curve,
-    save_commitment_plot,
     save_gif,
     save_image_grid,
     save_reconstruction_curves,
@@ -46,14 +62,12 @@ from ddpm.visualisation.pictures import (
 )
 from ddpm.visualisation.trajectories import (
     Trajectory,
-    add_class_probabilities,
-    decision_steps,
     generation_trajectory,
     reconstruction_trajectory,
 )
 from diffusion import GaussianDiffusion
 
-COMMITMENT_HEADER = ["guidance", "image", "label", "final_class", "decided_t", "decided_step"]
+DEFAULT_SAMPLING = GuidedSamplingSettings(sampler="ddpm")  # vizu_MNIST.py's sampler defaults
 
 
 def conditioning(
@@ -95,63 +109,6 @@ def write_metrics_csv(trajectory: Trajectory, path: Path, image_ids: list[int]) 
         for column, image in enumerate(image_ids):
             rows.append([step, t, image, *(f"{trajectory.metrics[n][step, column]:.6g}" for n in names)])
     write_csv(rows, path)
-
-
-def classifier_flags(name: str, data_dir: str | None, shape: tuple[int, int, int]) -> str:
-    """ddpm.evaluation.train_classifier's flags for a classifier of this data at this image shape."""
-    channels, height, _ = shape
-    source = f"--data-dir {data_dir}" if data_dir else f"--data {name}"
-    return f"{source} --channels {channels} --image-size {height}"
-
-
-def commitment_judge(
-    settings: VisualisationSettings, data: DataSettings, config: dict, device: torch.device
-) -> nn.Module | None:
-    """The classifier that says which digit x0-hat is (the shipped one for MNIST, or one made before
-    by ddpm.evaluation.train_classifier or eval_MNIST.py), unless --no-commitment; None, with a note,
-    if none."""
-    if not settings.commitment:
-        return None
-    name, data_dir = data.source_or(data_source(config))
-    path = default_classifier_path(name, data_dir, image_shape(config))
-    if not path.is_file():
-        flags = classifier_flags(name, data_dir, image_shape(config))
-        note(
-            f"commitment skipped: no classifier for {data_label(name, data_dir)} at {path} "
-            f"(make one with `python -m ddpm.evaluation.train_classifier {flags}`)"
-        )
-        return None
-    return load_classifier(path, device)[0]
-
-
-def commitment_rows(
-    trajectory: Trajectory,
-    classifier: nn.Module,
-    image_ids: list[int],
-    labels: torch.Tensor | None,
-    guidance: float,
-) -> list[list]:
-    """Adds the classifier's probabilities to the trajectory; one row per image: guidance, image, label
-    (or ''), the finished image's class, and the t and step index from which x0-hat's class stays it."""
-    add_class_probabilities(trajectory, classifier)
-    steps = decision_steps(trajectory)
-    final = trajectory.metrics["predicted_class"][-1]
-    return [
-        [guidance, image, "" if labels is None else int(labels[column]), int(final[column]),
-         trajectory.timesteps[steps[column]], int(steps[column])]
-        for column, image in enumerate(image_ids)
-    ]  # fmt: skip
-
-
-def commitment_summary(rows: list[list], path: Path, trajectory: Trajectory, title: str) -> str:
-    """The plot of one run's rows, and one line: median t of decision and accuracy against the labels."""
-    decided_t = np.array([row[4] for row in rows])
-    save_commitment_plot(trajectory, decided_t, path, title)
-    line = f"class decided (stops changing) at median t = {np.median(decided_t):g}"
-    if rows[0][2] != "":
-        accuracy = np.mean([row[2] == row[3] for row in rows])
-        line += f"; finished images classified as their label: {accuracy:.3f}"
-    return f"{line} ({len(rows)} images, guidance {rows[0][0]:g}; {path.name})"
 
 
 def run_reconstruction(
@@ -279,24 +236,123 @@ def check_mode(
     for guidance in sampling.guidance:
         plain = sampling.at(guidance)
         if settings.t_sweep:
-            for t in sweep_timesteps(settings.sweep_t, diffusion.T, "--sweep-t"):
-                check_sampling(diffusion, plain, num_classes, t if plain.sampler == "ddpm" else None)
+            starts = sweep_timesteps(settings.sweep_t, diffusion.T, "--sweep-t")
+            for t in starts if plain.sampler == "ddpm" else []:  # ddpm refuses --steps: it runs every step
+                check_sampling(diffusion, plain, num_classes, t)
+            check_sweep(diffusion, plain, num_classes, starts)
         else:
             check_sampling(diffusion, plain, num_classes, None if settings.generate else settings.t)
 
 
-def visualise(settings: VisualisationSettings, sampling: GuidedSamplingSettings, data: DataSettings) -> str:
+def check_editing(
+    settings: VisualisationSettings,
+    editing: EditingSettings,
+    sampling: GuidedSamplingSettings,
+    diffusion: GaussianDiffusion,
+    num_classes: int | None,
+) -> None:
+    """One-line errors for --interpolate and --inpaint flags, before any image is loaded."""
+    if (sampling.sampler, sampling.eta, sampling.s_churn) != (
+        DEFAULT_SAMPLING.sampler, DEFAULT_SAMPLING.eta, DEFAULT_SAMPLING.s_churn
+    ):  # fmt: skip
+        raise UserError(
+            "--interpolate decodes with DDIM (eta 0) and --inpaint runs RePaint's ancestral steps: "
+            "--sampler, --eta and --s-churn do not apply"
+        )
+    if len(sampling.guidance) > 1:
+        raise UserError("several --guidance values are for --generate; edit with one")
+    if editing.interpolate and (len(settings.index) or settings.num_images) < 2:
+        raise UserError("--interpolate needs at least two images: --index A,B or --num-images 2 or more")
+    if editing.from_noise and settings.index:
+        raise UserError(
+            "--from-noise interpolates the noises of --num-images seeds; --index picks test digits"
+        )
+    check_sampling(
+        diffusion,
+        SamplingSettings("ddim", editing_steps(editing, sampling), guidance=sampling.guidance[0]),
+        num_classes,
+    )
+
+
+def editing_steps(editing: EditingSettings, sampling: GuidedSamplingSettings) -> int:
+    """--steps, else the mode's default: DDIM steps of --interpolate, RePaint's levels of --inpaint."""
+    if sampling.steps is not None:
+        return sampling.steps
+    return DEFAULT_INVERSION_STEPS if editing.interpolate else DEFAULT_INPAINT_LEVELS
+
+
+def edit(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    config: dict,
+    settings: VisualisationSettings,
+    editing: EditingSettings,
+    sampling: GuidedSamplingSettings,
+    data: DataSettings,
+    out_dir: Path,
+    device: torch.device,
+) -> str:
+    """--interpolate (test digits, or with --from-noise seeds' noises) or --inpaint."""
+    guidance, steps, shape = sampling.guidance[0], editing_steps(editing, sampling), image_shape(config)
+    num_classes = cast(int | None, model.num_classes)
+    if editing.from_noise:
+        seeds = [settings.seed + i for i in range(settings.num_images)]
+        default_labels = torch.arange(len(seeds), device=device) % (num_classes or 1)
+        return run_interpolation(
+            model, diffusion, frames=editing.frames, steps=steps, out_dir=out_dir, originals=None,
+            latents=noise_latents(len(seeds), shape, settings.seed, device), guidance=guidance, sources=seeds,
+            labels=conditioning(num_classes, settings.label, guidance, default_labels),
+        )  # fmt: skip
+    mask = make_mask(editing.inpaint, shape[1:], settings.seed) if editing.inpaint else None
+    originals, true_labels, indices = chosen_test_images(settings, data, config, device)
+    labels = conditioning(num_classes, settings.label, guidance, true_labels)
+    if mask is None:
+        return run_interpolation(
+            model, diffusion, frames=editing.frames, steps=steps, out_dir=out_dir, originals=originals,
+            latents=None, labels=labels, guidance=guidance, sources=indices,
+        )  # fmt: skip
+    return run_inpainting(
+        model, diffusion, originals=originals, mask=mask, seed=settings.seed, labels=labels,
+        guidance=guidance, plan=RepaintPlan(steps, editing.jump_length, editing.resamples),
+        true_labels=true_labels, indices=indices, out_dir=out_dir, strip_steps=settings.strip_steps,
+        gif_frames=settings.gif_frames, classifier=commitment_judge(settings, data, config, device),
+    )  # fmt: skip
+
+
+def check_modes(settings: VisualisationSettings, editing: EditingSettings) -> None:
+    """At most one of the modes besides reconstruction; --from-noise only with --interpolate."""
+    chosen = [
+        flag
+        for flag, on in (("--generate", settings.generate), ("--t-sweep", settings.t_sweep),
+                         ("--interpolate", editing.interpolate), ("--inpaint", editing.inpaint is not None))
+        if on
+    ]  # fmt: skip
+    if len(chosen) > 1:
+        raise UserError(f"{' and '.join(chosen)} are separate modes: pick one")
+    if editing.from_noise and not editing.interpolate:
+        raise UserError("--from-noise is for --interpolate")
+
+
+def visualise(
+    settings: VisualisationSettings,
+    sampling: GuidedSamplingSettings,
+    data: DataSettings,
+    editing: EditingSettings | None = None,
+) -> str:
     """Run the chosen mode; returns what to print."""
-    if settings.generate and settings.t_sweep:
-        raise UserError("--generate and --t-sweep are separate modes: pick one")
+    editing = editing if editing is not None else EditingSettings()
+    check_modes(settings, editing)
     out_dir = writable_dir(settings.out_dir)
     device = resolve_device(settings.device)
     seed_everything(settings.seed)
     model, diffusion, checkpoint = load_for_inference(
         resolve_checkpoint(settings.checkpoint), device, settings.ema
     )
-    check_mode(settings, sampling, diffusion, model)
     config = checkpoint["config"]
+    if editing.interpolate or editing.inpaint is not None:
+        check_editing(settings, editing, sampling, diffusion, cast(int | None, model.num_classes))
+        return edit(model, diffusion, config, settings, editing, sampling, data, out_dir, device)
+    check_mode(settings, sampling, diffusion, model)
     classifier = None if settings.t_sweep else commitment_judge(settings, data, config, device)
     if settings.generate:
         return run_generation(
