@@ -3,7 +3,8 @@ Test digits (spread over the classes) are noised to step --t with q(x_t | x_0) (
 2020, arXiv:2006.11239) and denoised back by the checkpoint's sampler, recording at every model
 evaluation the MSE and SSIM of x_t and of the predicted x0; --t-sweep tabulates the final MSE/SSIM
 from several starting steps, --generate starts from pure noise. Pictures, a GIF and CSVs go to
---out-dir. Details: docs/visualisation.md.
+--out-dir. It runs on one process (under torchrun with several it stops with one line). Details:
+docs/visualisation.md.
 
 Examples:
     python vizu_MNIST.py                                     # the demo model (or yours), t = 500, DDPM
@@ -16,7 +17,10 @@ Examples:
 
 from __future__ import annotations
 
+import os
+
 from ddpm.plumbing.cli import OneLineErrorParser, run_cli
+from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
 from ddpm.visualisation.visualise import visualise
 
@@ -33,7 +37,12 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(visualise(*parse_args(argv)))
+    parsed = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its pictures hold a few images: nothing to split
+        raise UserError(
+            "vizu_MNIST.py runs on one process: start it with python, not torchrun --nproc_per_node N"
+        )
+    print(visualise(*parsed))
 
 
 if __name__ == "__main__":

