@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple, cast
 
 import numpy as np
@@ -33,6 +33,8 @@ from torch import nn
 SCHEDULES = ("cosine", "linear")
 PREDICTIONS = ("eps", "v")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "heun")
+# The samplers' noise: one generator, or one per sample (row i of every draw from generator i)
+Generators = torch.Generator | list[torch.Generator] | None
 DEFAULT_FAST_STEPS = 50  # model evaluations of DDIM, DPM-Solver++ and Heun when steps is not given
 HEUN_MIN_LEVELS = 2  # Karras levels of the shortest Heun run: one Heun step, then Euler's to sigma = 0
 KARRAS_RHO = 7.0  # rho of Karras et al. eq. 5
@@ -227,7 +229,7 @@ class GaussianDiffusion(nn.Module):
         model: nn.Module,
         x_t: torch.Tensor,
         t: int,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         labels: torch.Tensor | None = None,
         guidance: float = 1.0,
         clip_x0: bool = True,
@@ -381,7 +383,7 @@ class GaussianDiffusion(nn.Module):
         sampler: str = "ddpm",
         steps: int | None = None,
         eta: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         labels: torch.Tensor | None = None,
         guidance: float = 1.0,
         x_start: torch.Tensor | None = None,
@@ -404,7 +406,7 @@ class GaussianDiffusion(nn.Module):
         if x_start is None:
             if n is None or image_shape is None:
                 raise ValueError("sampling from pure noise needs n and image_shape (C, H, W)")
-            x_start = torch.randn((n, *image_shape), generator=generator, device=device)
+            x_start = _randn((n, *image_shape), generator, device, torch.float32)
         x_t = x_start.to(device)
         if sampler == "heun":
             yield from self._heun_steps(model, x_t, timesteps, s_churn, generator, labels, guidance, clip_x0)
@@ -705,6 +707,17 @@ def final_sample(steps: Iterable[SamplerStep]) -> torch.Tensor:
     return deque(steps, maxlen=1).pop().x_t
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Standard normal noise shaped like x, drawn from generator (which must live on x's device)."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return _randn(x.shape, generator, x.device, x.dtype)
+
+
+def _randn(
+    shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Standard normal noise [B, ...] from one generator, or from a list of B generators, row i from
+    generator i (diffusers' convention), so that a sample's noise does not depend on its batch."""
+    if isinstance(generator, list):
+        rows = [torch.randn(tuple(shape[1:]), generator=row, device=device, dtype=dtype) for row in generator]
+        return torch.stack(rows)
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)

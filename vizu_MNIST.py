@@ -4,7 +4,8 @@ Test digits (spread over the classes) are noised to step --t with q(x_t | x_0) (
 evaluation the MSE and SSIM of x_t and of the predicted x0; --t-sweep tabulates the final MSE/SSIM
 from several starting steps, --generate starts from pure noise; --interpolate slerps between
 DDIM-inverted digits (Song et al. 2021, arXiv:2010.02502) and --inpaint fills a masked region with
-RePaint (Lugmayr et al. 2022, arXiv:2201.09865). Pictures, a GIF and CSVs go to --out-dir. Details:
+RePaint (Lugmayr et al. 2022, arXiv:2201.09865). Pictures, a GIF and CSVs go to --out-dir. It runs on
+one process (under torchrun with several it stops with one line). Details:
 docs/visualisation.md.
 
 Examples:
@@ -20,7 +21,10 @@ Examples:
 
 from __future__ import annotations
 
+import os
+
 from ddpm.plumbing.cli import OneLineErrorParser, run_cli
+from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.settings import (
     DataSettings,
     EditingSettings,
@@ -47,7 +51,12 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(visualise(*parse_args(argv)))
+    parsed = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its pictures hold a few images: nothing to split
+        raise UserError(
+            "vizu_MNIST.py runs on one process: start it with python, not torchrun --nproc_per_node N"
+        )
+    print(visualise(*parsed))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Batched sampling and reconstruction through diffusion.py's samplers: the one loop every script uses.
 
-`generate_samples` draws N images in batches from fixed, seeded noise under the U-Net's autocast;
+`generate_samples` draws N images in batches under the U-Net's autocast, sample i's noise a function
+of (seed, i) alone, so any batch size or number of processes draws the same noise;
 `reconstruction_sweep` noises real images to each t with q(x_t | x_0) (Ho et al. 2020,
 arXiv:2006.11239, eq. 4), runs the reverse process back to 0 and scores the result (MSE, PSNR,
 SSIM on the [0, 1] scale). `check_sampling` is the one validation of sampler flags, `check_sweep`
@@ -100,6 +101,33 @@ def balanced_labels(count: int, num_classes: int | None, device: torch.device) -
     return None if num_classes is None else torch.arange(count, device=device) % num_classes
 
 
+def starting_noise(count: int, image_shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """x_T of samples 0 .. count-1: [count, C, H, W] drawn at once on the CPU from `seed`, so row i
+    depends on (seed, i) alone (on the CPU, drawing it batch by batch from one generator, as before,
+    gave the same rows)."""
+    return torch.randn((count, *image_shape), generator=torch.Generator().manual_seed(seed))
+
+
+def sample_generators(seed: int, indices: range, device: torch.device) -> list[torch.Generator]:
+    """One generator per sample for the fresh noise of stochastic samplers (DDPM, DDIM eta > 0, Heun
+    churn): sample i's seeded by NumPy's SeedSequence of (seed, i), independent of its batch."""
+    seeds = (int(np.random.SeedSequence((seed, index)).generate_state(1)[0]) for index in indices)
+    return [torch.Generator(device=device).manual_seed(stream) for stream in seeds]
+
+
+def batch_starts(count: int, batch_size: int, rank: int = 0, world_size: int = 1) -> range:
+    """The first sample of each batch a process draws: batches rank, rank + world_size, ... of
+    [0, batch_size), [batch_size, 2 batch_size), ..., so every batch holds the samples it holds alone."""
+    return range(rank * batch_size, count, world_size * batch_size)
+
+
+def in_sample_order(per_rank: list[torch.Tensor], batch_size: int) -> torch.Tensor:
+    """The ranks' batches (each rank's concatenated, as batch_starts deals them) back in sample order."""
+    batches = [list(torch.split(part, batch_size)) for part in per_rank]
+    count = sum(len(rank_batches) for rank_batches in batches)
+    return torch.cat([batches[k % len(per_rank)][k // len(per_rank)] for k in range(count)])
+
+
 @torch.no_grad()
 def generate_samples(
     model: nn.Module,
@@ -114,34 +142,43 @@ def generate_samples(
     batch_size: int = DEFAULT_BATCH_SIZE,
     labels: torch.Tensor | None = None,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`count` images [N, C, H, W] in [-1, 1] on the CPU, drawn in batches from noise seeded by `seed`.
+    """Images [N, C, H, W] in [-1, 1] on the CPU: samples 0 .. count-1 in batches, or with world_size
+    > 1 this rank's batches of them (batch_starts; in_sample_order puts the ranks' parts together).
 
-    A class-conditional model gets `labels` (default: balanced, i % num_classes); returns
-    (samples, labels on the CPU or None).
+    Sample i starts from row i of starting_noise(seed) and draws its fresh noise from its own
+    generator (sample_generators), so its noise depends on (seed, i) alone, whatever the batch size
+    or the number of processes. A class-conditional model gets `labels` (default: balanced,
+    i % num_classes); returns (samples, their labels on the CPU or None).
     """
     if labels is None:
         labels = balanced_labels(count, cast(int | None, model.num_classes), device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    batches = []
-    starts = range(0, count, batch_size)
+    noise = starting_noise(count, image_shape, seed)
+    batches, batch_labels = [], []
+    starts = batch_starts(count, batch_size, rank, world_size)
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress, leave=False):
-        size = min(batch_size, count - start)
+        indices = range(start, min(start + batch_size, count))
         with autocast_context(amp, device):
             images = diffusion.sample(
                 model,
-                size,
                 sampler=sampling.sampler,
                 steps=sampling.steps,
                 eta=sampling.eta,
                 s_churn=sampling.s_churn,
-                generator=generator,
-                labels=None if labels is None else labels[start : start + size].to(device),
+                generator=sample_generators(seed, indices, device),
+                labels=None if labels is None else labels[start : indices.stop].to(device),
                 guidance=sampling.guidance,
-                image_shape=image_shape,
+                x_start=noise[start : indices.stop],
             )
         batches.append(images.cpu())
-    return torch.cat(batches), None if labels is None else labels.cpu()
+        if labels is not None:
+            batch_labels.append(labels[start : indices.stop].cpu())
+    samples = torch.cat(batches) if batches else torch.empty((0, *image_shape))
+    if labels is None:
+        return samples, None
+    return samples, torch.cat(batch_labels) if batch_labels else labels[:0].cpu()
 
 
 @torch.no_grad()

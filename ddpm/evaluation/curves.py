@@ -25,6 +25,7 @@ from ddpm.evaluation.report import format_report
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import writable_dir, write_csv
 from ddpm.plumbing.settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+from ddpm.training.processes import Processes
 from ddpm.visualisation.pictures import save_training_curves
 
 CURVE_NAME = "training_curve"
@@ -37,12 +38,14 @@ def evaluate_over_training(
     runtime: RuntimeSettings,
     data: DataSettings,
     command: str,
+    processes: Processes | None = None,
 ) -> str:
     """Evaluate each checkpoint of paths (one report each), then write the curve's CSV and PNG in
     --out-dir; returns what to print."""
     check_several(settings, paths)
     reports = [
-        evaluate(replace(settings, checkpoint=str(path)), sampling, runtime, data, command) for path in paths
+        evaluate(replace(settings, checkpoint=str(path)), sampling, runtime, data, command, processes)
+        for path in paths
     ]
     reports.sort(key=position)
     out_dir = writable_dir(settings.out_dir)
@@ -54,10 +57,12 @@ def evaluate_over_training(
 
 
 def check_several(settings: EvaluationSettings, paths: list[Path]) -> None:
-    """Several checkpoints write one report each into --out-dir: --json (one file) cannot name them,
-    and two checkpoints with the same file name would overwrite each other's report."""
+    """Several checkpoints write one report each into --out-dir: --json (one file) and --save-samples
+    cannot name them, and two checkpoints with the same file name would overwrite each other's report."""
     if settings.json is not None:
         raise UserError("--json names one report; with several checkpoints use --out-dir")
+    if settings.save_samples is not None:
+        raise UserError("--save-samples names one checkpoint's samples; evaluate one checkpoint at a time")
     names = [path.stem for path in paths]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:

@@ -8,6 +8,8 @@ whole split; in every report) and with --baselines the ceiling (uniform noise), 
 split of the checkpoint's data (scoring.py, feature_metrics.py); then the report (records.py) is
 written as JSON (report.py). --repeats K draws K sample sets (seeds seed .. seed+K-1) and K floor
 subsets; every sample metric is then the mean over them, with its spread and values (repeats.py).
+Under torchrun the sample sets' batches are dealt over the ranks and gathered, and rank 0 alone scores,
+prints and writes: the same report and files as one process, bit for bit.
 
 Example:
     report = evaluate(EvaluationSettings(num_samples=1000), SamplingSettings(), RuntimeSettings(),
@@ -32,6 +34,7 @@ from ddpm.evaluation.inputs import (
     load_real_data,
     output_paths,
     repeat_seeds,
+    saved_samples_path,
 )
 from ddpm.evaluation.memorisation import CopyDetector
 from ddpm.evaluation.real_image_metrics import nll_of_test_split, reconstruction_scores
@@ -46,11 +49,12 @@ from ddpm.evaluation.records import (
 )
 from ddpm.evaluation.repeats import summarise_repeats
 from ddpm.evaluation.report import write_report
-from ddpm.evaluation.sample_sets import score_sample_sets
+from ddpm.evaluation.sample_sets import draw_sample_set, score_sample_sets
 from ddpm.evaluation.scoring import compare_with_test_split, set_scores
 from ddpm.plumbing.provenance import hardware, library_versions, sha256_of_tensor
 from ddpm.plumbing.runtime import SpeedPlan, configure_fast_path, plan_speed, resolve_device, seed_everything
 from ddpm.plumbing.settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+from ddpm.training.processes import Processes
 
 
 def evaluate(
@@ -59,9 +63,12 @@ def evaluate(
     runtime: RuntimeSettings,
     data: DataSettings,
     command: str,
+    processes: Processes | None = None,
 ) -> EvaluationReport:
-    """Run the whole evaluation; returns the report (also written to its JSON path)."""
-    device = resolve_device(runtime.device)
+    """Run the whole evaluation; returns the report (also written to its JSON path). Under torchrun
+    this is rank 0's part: the other ranks run sample_for_rank_0 and draw their share of the samples."""
+    processes = processes or Processes(rank=0, world_size=1, device=resolve_device(runtime.device))
+    device = processes.device
     plan = plan_speed(runtime.amp, runtime.compile, runtime.compile_mode, runtime.channels_last, device)
     configure_fast_path(device)
     seed_everything(settings.seed)
@@ -70,13 +77,16 @@ def evaluate(
     name, data_dir = data.source_or(("mnist", None) if loaded is None else loaded.data)
     stem = f"baselines_{data_label(name, data_dir)}" if loaded is None else Path(loaded.checkpoint.path).stem
     paths = output_paths(settings, stem)
+    paths.saved_samples = saved_samples_path(settings, None if loaded is None else loaded.image_shape)
 
     real = load_real_data(name, data_dir, None if loaded is None else loaded.image_shape)
     classifier = load_judge(settings, real, loaded is not None, device)
     comparison, extractors = compare_with_test_split(settings, real, classifier, device)
     metrics = Metrics()
     if loaded is not None:
-        metrics = model_metrics(loaded, settings, sampling, plan, real, paths, comparison, classifier)
+        metrics = model_metrics(
+            loaded, settings, sampling, plan, real, paths, comparison, classifier, processes
+        )
     metrics.floor, metrics.ceiling = baselines(settings, real, comparison)
 
     provenance = Provenance(
@@ -96,6 +106,25 @@ def evaluate(
     return report
 
 
+def sample_for_rank_0(
+    settings: EvaluationSettings, sampling: SamplingSettings, runtime: RuntimeSettings, processes: Processes
+) -> None:
+    """A torchrun rank other than 0: the model loaded and checked as rank 0 does, then this rank's
+    batches of every sample set drawn and gathered (sample_sets.draw_sample_set); rank 0 does the rest
+    (scores, reconstruction, NLL, files), and a failure there ends the job on every rank."""
+    plan = plan_speed(
+        runtime.amp, runtime.compile, runtime.compile_mode, runtime.channels_last, processes.device
+    )
+    configure_fast_path(processes.device)
+    seed_everything(settings.seed)
+    if settings.baselines_only or not draws_samples(settings):
+        return
+    loaded = load_model(settings, sampling, plan, processes.device)
+    check_counts(settings, loaded.num_classes)
+    for seed in repeat_seeds(settings):
+        draw_sample_set(loaded, settings, sampling, plan, seed, processes)
+
+
 def model_metrics(
     loaded: LoadedModel,
     settings: EvaluationSettings,
@@ -105,9 +134,11 @@ def model_metrics(
     paths: OutputPaths,
     comparison: Comparison,
     classifier: LoadedClassifier | None,
+    processes: Processes,
 ) -> Metrics:
     """What is measured on the model: its sample sets (feature metrics, CAS, memorisation), when
-    --metrics asks for any, then the reconstruction sweep and the NLL bound on test images."""
+    --metrics asks for any (drawn over every process), then the reconstruction sweep and the NLL bound
+    on test images (on this process)."""
     metrics = Metrics()
     if draws_samples(settings):
         copy_detector = None
@@ -115,7 +146,9 @@ def model_metrics(
             copy_detector = CopyDetector(
                 real.train_images, real.test_images, classifier.on(comparison.device)
             )
-        sets = score_sample_sets(loaded, settings, sampling, plan, real, paths, comparison, copy_detector)
+        sets = score_sample_sets(
+            loaded, settings, sampling, plan, real, paths, comparison, copy_detector, processes
+        )
         metrics = Metrics(generated=sets.generated, cas=sets.cas, memorisation=sets.memorisation)
     if "recon" in settings.metrics:
         metrics.reconstruction = reconstruction_scores(
@@ -175,4 +208,5 @@ def outputs(paths: OutputPaths, sampled: bool, copies: bool) -> Outputs:
         samples_png=str(paths.samples_png) if sampled else None,
         closest_png=str(paths.closest_png) if copies else None,
         nearest_csv=str(paths.nearest_csv) if copies else None,
+        saved_samples=None if paths.saved_samples is None else str(paths.saved_samples),
     )

@@ -1,6 +1,6 @@
 """What an evaluation reads before it samples, each checked once: the checkpoint's model against the
 sampling flags, every count (--num-samples against what FID, precision/recall and CAS need), the
-output paths, the real data and the classifier.
+output paths (--save-samples included), the real data and the classifier.
 
 All of it runs before the first sample is drawn, so that a bad flag costs a second, not a sampling
 run: `eval_MNIST.py --num-samples 3` stops here with one line.
@@ -23,6 +23,7 @@ from ddpm.datasets.sources import load_images, shape_options
 from ddpm.evaluation.classifier import LoadedClassifier, data_label, ensure_classifier
 from ddpm.evaluation.feature_metrics import MIN_SET_SIZE, PRC_NEIGHBOURHOOD
 from ddpm.evaluation.records import CheckpointInfo
+from ddpm.evaluation.saved_samples import check_samples_path
 from ddpm.plumbing.checkpointing import (
     data_source,
     image_shape,
@@ -114,6 +115,7 @@ class OutputPaths:
     samples_png: Path
     closest_png: Path
     nearest_csv: Path
+    saved_samples: Path | None = None  # --save-samples: a folder of PNGs or an .npz
 
 
 def output_paths(settings: EvaluationSettings, stem: str) -> OutputPaths:
@@ -128,6 +130,18 @@ def output_paths(settings: EvaluationSettings, stem: str) -> OutputPaths:
         return json_path.with_name(f"{json_path.stem}_{suffix}")
 
     return OutputPaths(json_path, beside("samples.png"), beside("closest.png"), beside("nearest.csv"))
+
+
+def saved_samples_path(settings: EvaluationSettings, image_shape: tuple[int, int, int] | None) -> Path | None:
+    """--save-samples checked (saved_samples.check_samples_path), or None without it; image_shape is
+    the model's (None: no model, so nothing sampled)."""
+    if settings.save_samples is None:
+        return None
+    if image_shape is None or not draws_samples(settings):
+        raise UserError(
+            "--save-samples needs generated samples: a checkpoint and a sample metric in --metrics"
+        )
+    return check_samples_path(settings.save_samples, settings.num_samples, image_shape)
 
 
 @dataclass

@@ -234,6 +234,7 @@ class Outputs:
     samples_png: str | None
     closest_png: str | None
     nearest_csv: str | None
+    saved_samples: str | None = field(default=None, metadata=OMITTED_WHEN_NONE)  # --save-samples
 
 
 @dataclass

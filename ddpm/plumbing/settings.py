@@ -333,6 +333,13 @@ class EvaluationSettings(Settings):
     out_dir: str = setting("eval_outputs", "folder of the default JSON and sample grid")
     json: str | None = setting(None, "JSON report path (default <out-dir>/eval_<checkpoint>.json)")
     cache_dir: str | None = setting(None, "torch-fidelity cache (default $TORCH_HOME/fidelity_cache)")
+    save_samples: str | None = setting(
+        None,
+        "also write every generated image: a folder of PNGs (000123.png; 000123_label7.png for a "
+        "class-conditional model), or PATH.npz (guided-diffusion's uint8 NHWC arr_0, labels arr_1); "
+        "with --repeats the first set (seed --seed). An existing folder must be empty or an earlier "
+        "--save-samples folder, which is replaced whole",
+    )
 
 
 @dataclass(frozen=True)
