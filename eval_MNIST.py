@@ -34,7 +34,7 @@ from __future__ import annotations
 import sys
 
 from ddpm.evaluation.curves import evaluate_checkpoints
-from ddpm.plumbing.cli import OneLineErrorParser, run_cli
+from ddpm.plumbing.cli import OneLineErrorParser, parse_flags, run_cli
 from ddpm.plumbing.settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
 
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None):
     SamplingSettings.add_flags(parser)
     DataSettings.add_checkpoint_flags(parser)
     RuntimeSettings.add_flags(parser)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     return tuple(
         part.from_args(args) for part in (EvaluationSettings, SamplingSettings, RuntimeSettings, DataSettings)
     )

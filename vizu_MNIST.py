@@ -16,7 +16,7 @@ Examples:
 
 from __future__ import annotations
 
-from ddpm.plumbing.cli import OneLineErrorParser, run_cli
+from ddpm.plumbing.cli import OneLineErrorParser, parse_flags, run_cli
 from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, VisualisationSettings
 from ddpm.visualisation.visualise import visualise
 
@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None):
     VisualisationSettings.add_flags(parser)
     GuidedSamplingSettings.add_flags(parser, GuidedSamplingSettings(sampler="ddpm"))
     DataSettings.add_checkpoint_flags(parser)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     return tuple(
         part.from_args(args) for part in (VisualisationSettings, GuidedSamplingSettings, DataSettings)
     )
