@@ -247,6 +247,13 @@ class GaussianDiffusion(nn.Module):
 
     # ----- training -----------------------------------------------------------------------------
 
+    def training_draws(
+        self, x0: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 1's random draws for the batch x0 [B, C, H, W]: t ~ U{0..T-1} [B], eps ~ N(0, I)."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
+        return t, _randn_like(x0, generator)
+
     def training_loss(
         self,
         model: nn.Module,
@@ -254,14 +261,16 @@ class GaussianDiffusion(nn.Module):
         labels: torch.Tensor | None = None,
         min_snr_gamma: float | None = None,
         generator: torch.Generator | None = None,
+        draws: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), MSE between the network and its target.
 
         With min_snr_gamma, each example is weighted by min(SNR_t, gamma) / SNR_t for eps, or
         min(SNR_t, gamma) / (SNR_t + 1) for v (Hang et al. eq. 9), SNR_t = alpha_bar / (1 - alpha_bar).
+        draws: (t [B], eps like x0) drawn beforehand by training_draws (a micro-batch's share of a
+        batch's), else drawn here.
         """
-        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = _randn_like(x0, generator)
+        t, noise = self.training_draws(x0, generator) if draws is None else draws
         prediction = model(self.q_sample(x0, t, noise), t, labels)
         target = self.training_target(x0, t, noise)
         per_example = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))

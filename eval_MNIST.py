@@ -25,7 +25,7 @@ from ddpm.evaluation.curves import evaluate_over_training
 from ddpm.evaluation.evaluate import evaluate, sample_for_rank_0
 from ddpm.evaluation.report import format_report, wrote_line
 from ddpm.plumbing.checkpointing import resolve_checkpoints
-from ddpm.plumbing.cli import OneLineErrorParser, run_cli
+from ddpm.plumbing.cli import OneLineErrorParser, parse_flags, run_cli
 from ddpm.plumbing.settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
 from ddpm.training.processes import end_processes, setup_processes
 
@@ -38,7 +38,7 @@ def parse_args(
     SamplingSettings.add_flags(parser)
     DataSettings.add_checkpoint_flags(parser)
     RuntimeSettings.add_flags(parser)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     return (
         EvaluationSettings.from_args(args),
         SamplingSettings.from_args(args),

@@ -1,13 +1,15 @@
 """Train the DDPM U-Net on MNIST: AdamW, warm-up + cosine LR, EMA, bf16, DDP, resumable to the bit.
 Algorithm 1 of Ho et al. 2020 (arXiv:2006.11239) with the cosine schedule of Nichol & Dhariwal 2021
-(arXiv:2102.09672). Writes last.pt, <data>_epoch_XX.pt (mnist_epoch_XX.pt for MNIST), train_log.csv,
-loss.png and sample grids to --out-dir; Ctrl-C saves last.pt, and --resume latest continues. Details:
-docs/training.md.
+(arXiv:2102.09672). Writes config.toml (the run's flags), last.pt, <data>_epoch_XX.pt (mnist_epoch_XX.pt
+for MNIST), train_log.csv, loss.png and sample grids to --out-dir; Ctrl-C saves last.pt, and --resume
+latest continues. Details: docs/training.md.
 
 Examples:
     python train_MNIST.py                                              # 100 epochs of MNIST
     python train_MNIST.py --preset cpu --data mnist-5k --max-minutes 15  # digits on a CPU, offline
     python train_MNIST.py --resume latest                              # continue checkpoints/last.pt
+    python train_MNIST.py --config checkpoints/config.toml --out-dir runs/again   # repeat a run
+    python train_MNIST.py --batch-size 128 --grad-accum 4              # 4 micro-batches of 32 per step
     torchrun --standalone --nproc_per_node=4 train_MNIST.py            # DistributedDataParallel
 """
 

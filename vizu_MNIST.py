@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from ddpm.plumbing.cli import OneLineErrorParser, run_cli
+from ddpm.plumbing.cli import OneLineErrorParser, parse_flags, run_cli
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.settings import (
     DataSettings,
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None):
     GuidedSamplingSettings.add_flags(parser, DEFAULT_SAMPLING, {"steps": STEPS_HELP})
     DataSettings.add_checkpoint_flags(parser)
     EditingSettings.add_flags(parser)
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     return tuple(part.from_args(args) for part in SETTINGS)
 
 

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from benchmarks.reference_models import diffusers_cifar10_setup, diffusers_unet, lucidrains_unet_matching
 from ddpm.plumbing.checkpointing import build_model
-from ddpm.plumbing.cli import OneLineErrorParser, parse_with_preset, positive_int, run_cli
+from ddpm.plumbing.cli import OneLineErrorParser, parse_flags, positive_int, run_cli
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import atomic_write, write_json
 from ddpm.plumbing.presets import PRESETS, TrainingJob
@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed of weights and inputs")
     add("--json", default=None, help="also write the results to this JSON file")
     add("--profile", default=None, help="also profile ours' training steps; kernel table to this file")
-    args = parse_with_preset(parser, argv, BENCHMARK_PRESETS, "cpu")
+    args = parse_flags(parser, argv, BENCHMARK_PRESETS, "cpu")
     args.image_shape = IMAGE_SHAPES[args.preset]
     if args.preset == "cifar10" and set(args.networks) - {"ours", "diffusers"}:
         raise UserError("--preset cifar10 times ours and diffusers only: pass --networks ours,diffusers")

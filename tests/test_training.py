@@ -19,11 +19,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_TRAIN_FLAGS, tiny_train_argv
+import torch.distributed as dist
+from helpers import TINY_TRAIN_FLAGS, tiny_config, tiny_train_argv
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 from ddpm.datasets.idx import write_idx
 from ddpm.datasets.sources import load_images
@@ -42,8 +46,8 @@ from ddpm.plumbing.checkpointing import (
 )
 from ddpm.plumbing.cli import run_cli
 from ddpm.plumbing.presets import training_job_from_flags
-from ddpm.plumbing.runtime import seed_everything
-from ddpm.training.loop import TrainingData, drop_labels
+from ddpm.plumbing.runtime import SpeedPlan, seed_everything
+from ddpm.training.loop import Run, TrainingData, drop_labels
 from ddpm.training.processes import Processes
 from ddpm.training.trainer import TrainingResult, train
 from diffusion import GaussianDiffusion
@@ -272,7 +276,7 @@ def test_torchrun_two_cpu_processes(torchrun_straight):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the 2 processes end with identical weights" in result.stdout
     assert sorted(path.name for path in out_dir.iterdir()) == [
-        "last.pt", "loss.png", f"samples_step_{TORCHRUN_STEPS:06d}.png", "train_log.csv"
+        "config.toml", "last.pt", "loss.png", f"samples_step_{TORCHRUN_STEPS:06d}.png", "train_log.csv"
     ]  # fmt: skip
     with (out_dir / "train_log.csv").open(newline="") as log_file:
         losses = [float(row["loss"]) for row in csv.DictReader(log_file)]
@@ -318,7 +322,9 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_bit_exact(torchrun_straight,
     assert len(saved) == 1 and "saved" in saved[0], stdout + stderr[-2000:]
     stopped = load_checkpoint(out_dir / "last.pt")
     assert 2 <= stopped["step"] < TORCHRUN_STEPS and f"at step {stopped['step']} " in saved[0]
-    assert sorted(path.name for path in out_dir.iterdir()) == ["last.pt", "loss.png", "train_log.csv"]
+    assert sorted(path.name for path in out_dir.iterdir()) == [
+        "config.toml", "last.pt", "loss.png", "train_log.csv"
+    ]  # fmt: skip
 
     resumed = subprocess.run(
         torchrun_command(out_dir, "--max-steps", str(TORCHRUN_STEPS), "--resume", "latest"),
@@ -356,6 +362,15 @@ def bad_input_cases(
         "negative batch": ([*fresh, "--batch-size", "-8"], "argument --batch-size: must be a positive"),
         "zero lr": ([*fresh, "--lr", "0"], "argument --lr: must be a positive number, got 0"),
         "T below 2": ([*fresh, "--T", "1"], "argument --T: must be an integer in [2, 100000], got 1"),
+        "zero grad-accum": (
+            [*fresh, "--grad-accum", "0"],
+            "argument --grad-accum: must be a positive integer",
+        ),
+        "grad-accum not dividing the batch": (
+            [*fresh, "--grad-accum", "3"],
+            "--grad-accum 3 does not divide --batch-size 16",
+        ),
+        "no MPS here": ([*fresh, "--device", "mps"], "--device mps was asked for, but no Apple-silicon GPU"),
         "unknown data": ([*fresh, "--data", "imagenet"], "argument --data: invalid choice: 'imagenet'"),
         "compile mode alone": (
             [*fresh, "--compile-mode", "reduce-overhead"],
@@ -381,7 +396,8 @@ def bad_input_cases(
 
 
 BAD_INPUTS = [
-    "zero epochs", "negative batch", "zero lr", "T below 2", "unknown data", "compile mode alone",
+    "zero epochs", "negative batch", "zero lr", "T below 2", "zero grad-accum",
+    "grad-accum not dividing the batch", "no MPS here", "unknown data", "compile mode alone",
     "unwritable out-dir", "missing resume", "corrupt resume", "other architecture", "no training state",
     "run already there", "resume into another run",
 ]  # fmt: skip
@@ -591,6 +607,129 @@ def test_ranks_get_disjoint_shares_of_each_step():
         images = torch.cat([share[step] for share in shares])
         assert len(set(images.tolist())) == 24
     assert len(set(torch.cat(shares).flatten().tolist())) == 96
+
+
+# ----- gradient accumulation (--grad-accum) ---------------------------------------------------------
+
+# No dropout (its masks are drawn per forward pass) and no clipping (it would hide a wrong scale):
+# the steps of K micro-batches then equal those of one batch, within float error. Class labels (with
+# label dropout) and min-SNR weights go through the micro-batches too.
+ROUNDING_NOISE = 1e-8  # |Adam's m| below it: a gradient that is 0 but for rounding
+ACCUMULATED_RUN = ("--dropout", "0", "--grad-clip", "1e6", "--class-cond", "--min-snr-gamma", "5")
+
+
+def assert_same_optimizer_steps(first: dict, second: dict) -> None:
+    """The same Adam moments within float error (m = 0.1 g after one step: scale-sensitive, unlike
+    Adam's update), and the same weights and EMA, except where the gradient is 0 in exact arithmetic:
+    the biases just before a GroupNorm, which removes them, get gradients of 1e-10 whose sign is
+    rounding noise, and Adam scales those up to a whole step of the LR."""
+    noise = set()
+    for index, moments in first["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(
+                second["optimizer"]["state"][index][name], moments[name], rtol=1e-4, atol=1e-9
+            )
+        if moments["exp_avg"].abs().max() < ROUNDING_NOISE:
+            noise.add(index)
+    for key in ("model", "ema"):
+        for index, (name, weights) in enumerate(first[key].items()):  # no buffers: state-dict order
+            if index not in noise:
+                torch.testing.assert_close(second[key][name], weights, rtol=1e-4, atol=1e-6)
+
+
+def test_grad_accum_steps_equal_one_batch_of_the_same_images(tiny_train_data, tmp_path):
+    """2 optimizer steps of 16 images, in 1 or 4 micro-batches of 4: the same logged loss and gradient
+    norm, Adam moments, weights and EMA; the step counts optimizer steps."""
+    flags = [*ACCUMULATED_RUN, "--max-steps", "2"]
+    whole = run(tiny_train_data, tmp_path / "whole", *flags)
+    parts = run(tiny_train_data, tmp_path / "parts", *flags, "--grad-accum", "4")
+    assert whole["step"] == parts["step"] == 2 and parts["config"]["train"]["training"]["grad_accum"] == 4
+    for column in ("loss", "grad_norm"):
+        np.testing.assert_allclose(
+            logged(tmp_path / "parts", column), logged(tmp_path / "whole", column), 1e-4
+        )
+    assert_same_optimizer_steps(whole, parts)
+
+
+def test_grad_accum_unscales_and_clips_once_per_optimizer_step(tiny_train_data, tmp_path, monkeypatch):
+    """fp16 with a grad scaler, 4 micro-batches: 2 optimizer steps clip twice and update the scaler
+    twice (its growth tracker counts the updates since the last back-off)."""
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda *args, **kw: calls.append(1) or clip(*args, **kw)
+    )
+    checkpoint = run(tiny_train_data, tmp_path, "--max-steps", "2", "--amp", "fp16", "--grad-accum", "4")
+    assert len(calls) == 2 and checkpoint["step"] == 2
+    assert checkpoint["scaler"]["_growth_tracker"] == checkpoint["optimizer_steps"] == 2
+
+
+def test_grad_accum_resume_is_bit_exact(tiny_train_data, tmp_path):
+    """4 steps of 2 micro-batches straight == 2 + resume + 2 (checkpoints fall between optimizer
+    steps), with dropout on."""
+    flags = ["--grad-accum", "2", "--dropout", "0.1"]
+    main(tiny_argv(tiny_train_data, tmp_path / "straight", *flags, "--max-steps", "4"))
+    main(tiny_argv(tiny_train_data, tmp_path / "split", *flags, "--max-steps", "2"))
+    main(tiny_argv(tiny_train_data, tmp_path / "split", *flags, "--max-steps", "4", "--resume", "latest"))
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    assert_same_training_state(straight, load_checkpoint(tmp_path / "split" / "last.pt"))
+    assert straight["step"] == 4
+
+
+def test_torchrun_grad_accum_equals_one_batch_per_rank(tmp_path):
+    """torchrun, gloo, 2 processes: 2 optimizer steps of 16 images per rank, in 1 or 2 micro-batches,
+    end with the same Adam moments and weights within float error, and identical replicas."""
+    checkpoints = []
+    for parts in ("1", "2"):
+        result = subprocess.run(
+            torchrun_command(tmp_path / parts, *ACCUMULATED_RUN, "--max-steps", "2", "--grad-accum", parts),
+            cwd=REPO, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "the 2 processes end with identical weights" in result.stdout
+        checkpoints.append(load_checkpoint(tmp_path / parts / "last.pt"))
+    whole, parts = checkpoints
+    assert_same_optimizer_steps(whole, parts)
+
+
+def test_grad_accum_all_reduces_once_per_step_under_ddp(tmp_path):
+    """Run.accumulate_gradients on a DDP-wrapped U-Net (gloo, one process): 4 micro-batches all-reduce
+    each gradient bucket once, as one batch does (no_sync for the first 3), and give its gradients."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        seed_everything(0)
+        network = DistributedDataParallel(build_model(tiny_config()))
+        all_reduces = []
+
+        def counting_hook(state, bucket):
+            all_reduces.append(bucket.index())
+            return default_hooks.allreduce_hook(None, bucket)
+
+        network.register_comm_hook(None, counting_hook)
+        x0 = torch.rand(8, 1, 28, 28) * 2 - 1
+        gradients, counts = {}, {}
+        for parts in (1, 4):
+            job = training_job_from_flags(
+                ["--batch-size", "8", "--grad-accum", str(parts), "--device", "cpu"]
+            )
+            run_state = SimpleNamespace(
+                job=job,
+                diffusion=GaussianDiffusion(**tiny_config()["diffusion"]),
+                plan=SpeedPlan(amp="none", compile=False, compile_mode="default", channels_last=False),
+                processes=Processes(rank=0, world_size=1, device=torch.device("cpu")),
+                network=network,
+                state=SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False)),
+            )
+            network.zero_grad(set_to_none=True)
+            all_reduces.clear()
+            torch.manual_seed(1)
+            Run.accumulate_gradients(run_state, x0, None)  # type: ignore[arg-type]
+            gradients[parts] = [parameter.grad.clone() for parameter in network.parameters()]
+            counts[parts] = sorted(all_reduces)
+        assert counts[4] == counts[1] and len(counts[1]) == len(set(counts[1])) >= 1
+        for accumulated, whole in zip(gradients[4], gradients[1], strict=True):
+            torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
 
 
 # ----- checkpoint names -----------------------------------------------------------------------------

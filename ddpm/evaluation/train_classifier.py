@@ -18,7 +18,7 @@ from ddpm.evaluation.classifier import (
     MIN_STEPS,
     train_and_save,
 )
-from ddpm.plumbing.cli import OneLineErrorParser, positive_float, positive_int, run_cli
+from ddpm.plumbing.cli import OneLineErrorParser, parse_flags, positive_float, positive_int, run_cli
 from ddpm.plumbing.runtime import resolve_device
 from ddpm.plumbing.settings import DataSettings
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None):
     add("--lr", type=positive_float, default=DEFAULT_LR, help="Adam learning rate")
     add("--seed", type=int, default=0, help="seed of the initial weights and batch order")
     add("--device", default="auto", help="auto | cpu | cuda[:N]")
-    return parser.parse_args(argv)
+    return parse_flags(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,12 @@
-"""Command-line plumbing shared by the scripts: one-line errors, argparse types, presets.
+"""Command-line plumbing shared by the scripts: one-line errors, argparse types, presets, config files.
 
 Every script wraps its `main` in `run_cli`, so a `UserError` (bad flag, missing data, corrupt
-checkpoint, unwritable folder) prints one line to stderr and exits with status 2, never a traceback.
+checkpoint, unwritable folder, a config file that does not parse) prints one line to stderr and exits
+with status 2, never a traceback. Every script parses its flags with `parse_flags`: the defaults of a
+preset, then those of a `--config FILE.toml` (config_file.py), then the command line.
 
 Example:
+    args = parse_flags(parser, ["--config", "run.toml", "--epochs", "5"])
     if __name__ == "__main__":
         run_cli(main)
 """
@@ -14,11 +17,13 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
+from ddpm.plumbing.config_file import add_config_flag, config_defaults
 from ddpm.plumbing.messages import USER_ERROR_EXIT_CODE, UserError
 
 SEED_LIMIT = 2**32 - 1  # NumPy's legacy seeding takes [0, 2**32 - 1]
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the largest flag value a tensor takes
 
 
 def run_cli(main: Callable[[], None]) -> None:
@@ -52,22 +57,33 @@ class OneLineErrorParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def parse_with_preset(
-    parser: argparse.ArgumentParser, argv: list[str] | None, presets: dict[str, dict[str, Any]], default: str
+def parse_flags(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    presets: dict[str, dict[str, Any]] | None = None,
+    default_preset: str | None = None,
 ) -> argparse.Namespace:
-    """parser.parse_args(argv) with the defaults of the --preset named in argv (or `default`).
-
-    Flags given explicitly override the preset; `--preset NAME --help` shows NAME's defaults.
-    """
+    """parser.parse_args(argv) with --config FILE.toml (added to the parser here) and, for a parser
+    with presets, --preset NAME: the defaults are the preset's (named in argv, else in the file,
+    else `default_preset`), replaced by the file's values, and flags given in argv win over both.
+    `--config FILE --help` and `--preset NAME --help` show the defaults they make."""
+    add_config_flag(parser)
     chooser = OneLineErrorParser(prog=parser.prog, add_help=False)
-    chooser.add_argument("--preset", choices=tuple(presets), default=default)
+    add_config_flag(chooser)
+    if presets is not None:
+        chooser.add_argument("--preset", choices=tuple(presets), default=None)
     chosen, _ = chooser.parse_known_args(argv)
-    defaults = {
-        key: ",".join(map(str, value)) if isinstance(value, tuple) else value  # parsed like typed text
-        for key, value in presets[chosen.preset].items()
-    }
-    parser.set_defaults(**defaults)
+    from_file = config_defaults(parser, chosen.config) if chosen.config is not None else {}
+    if presets is not None:
+        preset = cast(str, chosen.preset or from_file.get("preset") or default_preset)
+        parser.set_defaults(**{key: as_typed(value) for key, value in presets[preset].items()})
+    parser.set_defaults(**from_file)
     return parser.parse_args(argv)
+
+
+def as_typed(value: Any) -> Any:
+    """A tuple default as the text a flag's type parses ((1, 2, 2) -> '1,2,2'); others as they are."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
 def positive_int(text: str) -> int:
@@ -105,18 +121,24 @@ def seed_number(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
+    """argparse type: a float > 0 that float32 tensors hold (an LR of 1e308 overflows in AdamW)."""
     value = float(text)
-    if not (value > 0 and math.isfinite(value)):
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return at_most_float32_max(value, text)
 
 
 def non_negative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
+    """argparse type: a float >= 0 that float32 tensors hold."""
     value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
+    if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return at_most_float32_max(value, text)
+
+
+def at_most_float32_max(value: float, text: str) -> float:
+    if value > FLOAT32_MAX:  # inf too
+        raise argparse.ArgumentTypeError(f"must be at most {FLOAT32_MAX:.4g} (float32's largest), got {text}")
     return value
 
 

@@ -11,19 +11,23 @@ Presets (`train_MNIST.py --preset NAME`) replace some defaults; flags given expl
        before the norm; linear betas, eps, AdamW 2e-4 (constant after 5,000 warm-up steps), batch
        128, EMA 0.9999, 800k steps, horizontal flips
 A TrainingJob holds one dataclass of settings.py per flag group; its `plain()` values are what a
-checkpoint records as config["train"].
+checkpoint records as config["train"], and `write_run_config` writes its flags to the run's
+config.toml, which `--config` reads back into the same TrainingJob.
 
 Example:
     job = training_job_from_flags(["--preset", "cpu", "--lr", "1e-3"])   # job.training.lr == 1e-3
+    write_run_config(job, Path("checkpoints"))  # training_job_from_flags(["--config", ...]) == job
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
-from ddpm.plumbing.cli import OneLineErrorParser, parse_with_preset
+from ddpm.plumbing.cli import OneLineErrorParser, parse_flags
+from ddpm.plumbing.config_file import CONFIG_NAME, write_config
 from ddpm.plumbing.settings import (
     DataSettings,
     DiffusionSettings,
@@ -71,6 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_PRESET = "gpu"
+UNRECORDED_FLAGS = ("resume",)  # how a run was started, not what it trains: config.toml leaves it out
 
 
 def presets_help() -> str:
@@ -137,11 +142,30 @@ class TrainingJob:
 
 
 def training_job_from_flags(argv: list[str], description: str | None = None) -> TrainingJob:
-    """The TrainingJob that `train_MNIST.py ARGV` runs (presets applied): the script's parser, also
-    for code that trains as that command does."""
+    """The TrainingJob that `train_MNIST.py ARGV` runs (preset < --config file < flags): the script's
+    parser, also for code that trains as that command does."""
     parser = OneLineErrorParser(prog="train_MNIST.py", description=description, epilog=presets_help())
     TrainingJob.add_flags(parser)
-    return TrainingJob.from_args(parse_with_preset(parser, argv, PRESETS, DEFAULT_PRESET))
+    return TrainingJob.from_args(parse_flags(parser, argv, PRESETS, DEFAULT_PRESET))
+
+
+RUN_CONFIG_HEADER = """train_MNIST.py's flags of a run, every one resolved (a preset < a --config file < the
+command line); flags whose value is None, and --resume, are left out.
+Repeat the run in a new folder: python train_MNIST.py --config {path} --out-dir NEW_FOLDER
+Continue it:                    python train_MNIST.py --config {path} --resume latest"""
+
+
+def write_run_config(job: TrainingJob, out_dir: Path) -> Path:
+    """Write the job's flags to out_dir/config.toml (atomically), all but --resume, so that the file
+    given to --config repeats the run (with another --out-dir) or continues it (with --resume)."""
+    path = out_dir / CONFIG_NAME
+    sections: dict[str, dict[str, Any]] = {"preset": {"preset": job.preset}}
+    for settings in (job.data, job.model, job.diffusion, job.training, job.runtime, job.run):
+        sections[settings.TITLE] = {
+            key: value for key, value in settings.flag_values().items() if key not in UNRECORDED_FLAGS
+        }
+    write_config(sections, path, RUN_CONFIG_HEADER.format(path=path))
+    return path
 
 
 def _plain(value: Any) -> Any:

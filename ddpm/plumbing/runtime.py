@@ -5,6 +5,11 @@ CUDA GPU gets bf16 autocast, torch.compile with CUDA graphs ("reduce-overhead") 
 weights, and a CPU runs eager in fp32. If compiling fails (no C++ compiler, an unsupported GPU, a
 torch error), the run goes on eager after one line that says why.
 
+`--device auto` takes a CUDA GPU, else an Apple-silicon GPU (MPS), else the CPU (`choose_device`).
+On MPS `auto` means eager fp32: --amp fp16 / bf16 and --compile on are there to opt in (bf16
+autocast needs macOS 14; older ones fall back to fp32 after one line), as MPS's Inductor backend and
+its fp16 grad scaling are younger than CUDA's and were never measured here.
+
 Example:
     plan = plan_speed(amp="auto", compile="auto", compile_mode="auto", channels_last="auto", device=device)
     unet = prepare_unet(unet, plan)          # NHWC and/or compiled as planned
@@ -27,7 +32,9 @@ from torch import nn
 
 from ddpm.plumbing.messages import UserError, note
 
-DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")  # what --device may name besides auto
+DEVICE_PATTERN = re.compile(r"cpu|mps|cuda(:\d+)?")  # what --device may name besides auto
+DEVICE_HELP = "auto (cuda, else mps, else cpu) | cpu | cuda[:N] | mps (an Apple-silicon GPU)"
+MPS_BF16_MACOS = (14, 0)  # bf16 autocast on MPS needs macOS 14 or newer
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SWITCHES = ("auto", "on", "off")
@@ -37,16 +44,27 @@ MULTI_PROCESS_COMPILE_MODE = "default"  # CUDA graphs under DDP were never measu
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a UserError."""
+    """The device --device NAME names on this machine (choose_device); a UserError if it is absent."""
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return choose_device(name, cuda_count=cuda_count, mps=torch.backends.mps.is_available())
+
+
+def choose_device(name: str, cuda_count: int, mps: bool) -> torch.device:
+    """--device NAME on a machine with `cuda_count` CUDA GPUs and (or not) an Apple-silicon GPU:
+    'auto' -> cuda, else mps, else cpu; a device that is not there is a UserError."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if cuda_count else "mps" if mps else "cpu")
     if not DEVICE_PATTERN.fullmatch(name):
-        raise UserError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
+        raise UserError(f"--device must be auto, cpu, cuda[:N] or mps, got {name!r}")
     device = torch.device(name)
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "cuda" and not cuda_count:
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= cuda_count:
+        raise UserError(f"--device {name}: this machine has {cuda_count} CUDA GPU(s)")
+    if device.type == "mps" and not mps:
+        raise UserError(
+            "--device mps was asked for, but no Apple-silicon GPU (MPS) is available (use --device cpu)"
+        )
     return device
 
 
@@ -58,13 +76,17 @@ def configure_fast_path(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def resolve_amp(mode: str, device: torch.device) -> str:
-    """auto -> bf16 on a GPU that supports it, else none."""
+def resolve_amp(mode: str, device: torch.device, announce: Callable[[str], None] = note) -> str:
+    """auto -> bf16 on a CUDA GPU that supports it, else none (on MPS too: fp32 until asked). An
+    explicit mode the device lacks: a UserError on CUDA, fp32 after one line on MPS."""
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if mode == "auto":
         return "bf16" if bf16_ok else "none"
     if mode == "bf16" and device.type == "cuda" and not bf16_ok:
         raise UserError("--amp bf16: this GPU has no bfloat16 support (use --amp fp16)")
+    if mode == "bf16" and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(*MPS_BF16_MACOS):
+        announce("--amp bf16 on MPS needs macOS 14 or newer: running fp32 (or use --amp fp16)")
+        return "none"
     return mode
 
 
@@ -78,6 +100,8 @@ def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued work (a no-op on a CPU), so that a host clock times it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def seed_everything(seed: int) -> None:
@@ -105,14 +129,14 @@ def plan_speed(
     amp: str, compile: str, compile_mode: str, channels_last: str, device: torch.device, processes: int = 1
 ) -> SpeedPlan:
     """Resolve the speed flags: `auto` means the fast path on CUDA (bf16, compiled with CUDA graphs,
-    NHWC) and eager fp32 on a CPU. A --compile-mode that would be ignored is a UserError."""
-    on_gpu = device.type == "cuda"
-    compiled = {"auto": on_gpu, "on": True, "off": False}[compile]
+    NHWC) and eager fp32 on a CPU or MPS. A --compile-mode that would be ignored is a UserError."""
+    on_cuda = device.type == "cuda"
+    compiled = {"auto": on_cuda, "on": True, "off": False}[compile]
     if compile_mode != "auto" and not compiled:
-        raise UserError(f"--compile-mode {compile_mode} needs --compile on (or auto on a GPU)")
+        raise UserError(f"--compile-mode {compile_mode} needs --compile on (or auto on a CUDA GPU)")
     if compile_mode == "auto":
-        compile_mode = GPU_COMPILE_MODE if on_gpu and processes == 1 else MULTI_PROCESS_COMPILE_MODE
-    nhwc = {"auto": on_gpu, "on": True, "off": False}[channels_last]
+        compile_mode = GPU_COMPILE_MODE if on_cuda and processes == 1 else MULTI_PROCESS_COMPILE_MODE
+    nhwc = {"auto": on_cuda, "on": True, "off": False}[channels_last]
     return SpeedPlan(resolve_amp(amp, device), compiled, compile_mode, nhwc)
 
 

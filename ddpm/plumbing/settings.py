@@ -32,7 +32,8 @@ from ddpm.plumbing.cli import (
     positive_int,
     seed_number,
 )
-from ddpm.plumbing.runtime import AMP_MODES, COMPILE_MODES, SWITCHES
+from ddpm.plumbing.messages import UserError
+from ddpm.plumbing.runtime import AMP_MODES, COMPILE_MODES, DEVICE_HELP, SWITCHES
 from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -47,6 +48,11 @@ IMAGE_CHANNELS = (1, 3)
 def setting(default: Any, help: str, type=None, choices=None, flag: str | None = None):  # noqa: A002
     """A dataclass field that is also a command-line flag."""
     return field(default=default, metadata={"help": help, "type": type, "choices": choices, "flag": flag})
+
+
+def flag_of(spec: Field[Any]) -> str:
+    """The flag of a settings field: its own (`--T`) or its name with dashes (`--batch-size`)."""
+    return spec.metadata["flag"] or "--" + spec.name.replace("_", "-")
 
 
 class Settings:
@@ -80,7 +86,11 @@ class Settings:
                 options |= {"type": meta["type"], "choices": meta["choices"]}
                 if isinstance(value, tuple):  # given as text, so that the field's type parses it
                     options["default"] = ",".join(map(str, value))
-            group.add_argument(meta["flag"] or "--" + spec.name.replace("_", "-"), **options)
+            group.add_argument(flag_of(spec), **options)
+
+    def flag_values(self) -> dict[str, Any]:
+        """{flag name without dashes: value} of every field: a config file's keys."""
+        return {flag_of(spec).removeprefix("--"): getattr(self, spec.name) for spec in fields(self)}
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
@@ -183,7 +193,15 @@ class DiffusionSettings(Settings):
 class TrainingSettings(Settings):
     TITLE = "optimisation and stop rules"
     epochs: int = setting(100, "passes over the training set", positive_int)
-    batch_size: int = setting(128, "images per step on each process", positive_int)
+    batch_size: int = setting(
+        128, "images per optimizer step on each process, whatever --grad-accum (EDM's --batch)", positive_int
+    )
+    grad_accum: int = setting(
+        1,
+        "micro-batches per optimizer step: each process's --batch-size images go through the U-Net in K "
+        "parts of batch-size / K (less memory, the same step; EDM's --batch-gpu is batch-size / K)",
+        positive_int,
+    )
     lr: float = setting(2e-4, "peak AdamW learning rate", positive_float)
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay", non_negative_float)
     warmup_steps: int = setting(1000, "linear LR warm-up steps", non_negative_int)
@@ -204,17 +222,29 @@ class TrainingSettings(Settings):
         "wall", "what --max-minutes counts: wall seconds or this process's CPU seconds", choices=CLOCKS
     )
 
+    def __post_init__(self) -> None:
+        if self.batch_size % self.grad_accum:
+            raise UserError(
+                f"--grad-accum {self.grad_accum} does not divide --batch-size {self.batch_size}: "
+                "each micro-batch must hold batch-size / grad-accum images"
+            )
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per forward and backward pass on each process."""
+        return self.batch_size // self.grad_accum
+
 
 @dataclass(frozen=True)
 class RuntimeSettings(Settings):
-    TITLE = "where and how the U-Net runs (auto: the fast path on a GPU, eager fp32 on a CPU)"
-    device: str = setting("auto", "auto | cpu | cuda[:N]")
-    amp: str = setting("auto", "autocast dtype; auto: bf16 on a GPU that has it", choices=AMP_MODES)
-    compile: str = setting("auto", "torch.compile the U-Net; auto: on a GPU", choices=SWITCHES)
+    TITLE = "where and how the U-Net runs (auto: the fast path on a CUDA GPU, eager fp32 on a CPU or MPS)"
+    device: str = setting("auto", DEVICE_HELP)
+    amp: str = setting("auto", "autocast dtype; auto: bf16 on a CUDA GPU that has it", choices=AMP_MODES)
+    compile: str = setting("auto", "torch.compile the U-Net; auto: on a CUDA GPU", choices=SWITCHES)
     compile_mode: str = setting(
         "auto", "torch.compile mode; auto: reduce-overhead (CUDA graphs) on a GPU", choices=COMPILE_MODES
     )
-    channels_last: str = setting("auto", "NHWC U-Net weights; auto: on a GPU", choices=SWITCHES)
+    channels_last: str = setting("auto", "NHWC U-Net weights; auto: on a CUDA GPU", choices=SWITCHES)
 
 
 @dataclass(frozen=True)
@@ -374,7 +404,7 @@ class VisualisationSettings(Settings):
     gif_frames: int = setting(60, "most frames in reverse.gif", positive_int)
     out_dir: str = setting("step_outputs_mnist", "where images, CSVs and plots go")
     seed: int = setting(0, "seed for the image choice, the noise and the sampler", seed_number)
-    device: str = setting("auto", "auto | cpu | cuda[:N]")
+    device: str = setting("auto", DEVICE_HELP)
 
 
 @dataclass(frozen=True)

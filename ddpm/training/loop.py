@@ -6,7 +6,10 @@ arXiv:1711.05101) at an LR with a linear warm-up then SGDR's cosine decay withou
 (arXiv:1608.03983), and the EMA of the weights (state.WarmupEMA); class-conditional models drop labels
 for classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598). The cosine reaches 0 at the end
 of the epochs or of the time budget, whichever is nearer. Epoch e's batches are a permutation seeded
-with data seed + e, split between the ranks.
+with data seed + e, split between the ranks. A batch (--batch-size images per process) goes through the
+U-Net in --grad-accum micro-batches whose gradients add up (all-reduced once under DDP) before the one
+grad-scaler unscale, clipping, AdamW step and EMA update; a step counts optimizer steps, so stops and
+checkpoints fall between them and a resume is bit-exact whatever --grad-accum.
 
 Stop rules, checked before each step and agreed by all ranks: --epochs, --max-steps, --max-minutes
 (clocks.BudgetClock), SIGINT/SIGTERM. Each epoch end logs, saves last.pt (and <data>_epoch_XX.pt every
@@ -23,12 +26,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ddpm.datasets.checks import NUM_CLASSES
@@ -101,6 +106,14 @@ def drop_labels(labels: torch.Tensor, p_uncond: float) -> torch.Tensor:
     return torch.where(dropped, torch.full_like(labels, NUM_CLASSES), labels)
 
 
+def no_gradient_sync(network: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's no_sync (the backward keeps its gradients local, to be all-reduced with a later one);
+    a no-op for a network that is not DDP-wrapped."""
+    if isinstance(network, DistributedDataParallel):
+        return network.no_sync()
+    return contextlib.nullcontext()
+
+
 def non_finite_weights(state: TrainingState) -> bool:
     """Whether any weight of the model or its EMA is NaN or infinite (one sync)."""
     tensors = [*state.model.state_dict().values(), *state.ema.module.state_dict().values()]
@@ -137,20 +150,16 @@ class Run:
         return max(by_steps, seconds / self.clock.budget)
 
     def train_step(self, indices: torch.Tensor, seconds: float) -> None:
-        """Algorithm 1 on one batch (indices [batch_size]), then clip, AdamW at the scheduled LR (for
-        `seconds` trained), and the EMA."""
+        """Algorithm 1 on one batch (indices [batch_size]) in --grad-accum micro-batches, then, once per
+        optimizer step, unscale, clip, AdamW at the scheduled LR (for `seconds` trained), and the EMA."""
         state, training = self.state, self.job.training
         x0 = to_model_range(self.data.images[indices])
         if self.job.data.hflip:
             x0 = random_hflip(x0)
         class_cond = self.job.model.class_cond
         labels = drop_labels(self.data.labels[indices], training.p_uncond) if class_cond else None
-        with autocast_context(self.plan.amp, self.processes.device):
-            loss = self.diffusion.training_loss(
-                self.network, x0, labels, min_snr_gamma=training.min_snr_gamma
-            )
         state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
+        loss = self.accumulate_gradients(x0, labels)
         state.scaler.unscale_(state.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), training.grad_clip)
         factor = lr_factor(
@@ -163,8 +172,35 @@ class Run:
             state.optimizer_steps += 1
         state.step += 1
         state.batch_in_epoch += 1
-        self.log.record(loss.detach(), grad_norm)
+        self.log.record(loss, grad_norm)
         self.bar.update()
+
+    def accumulate_gradients(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Backpropagate Algorithm 1's loss on the batch x0 [B, C, H, W] in K = --grad-accum micro-batches
+        of B / K images, each loss divided by K so that the gradients add up to the batch's mean loss;
+        under DDP the gradients are all-reduced once, in the last micro-batch's backward (no_sync for
+        the others). t and eps are drawn for the whole batch first, so K changes the memory, not the
+        step (dropout masks aside). Returns the batch's loss, detached."""
+        parts = self.job.training.grad_accum
+        draws = self.diffusion.training_draws(x0)
+        micro_batches = zip(
+            x0.chunk(parts),
+            labels.chunk(parts) if labels is not None else [None] * parts,
+            *(draw.chunk(parts) for draw in draws),
+            strict=True,
+        )
+        total = torch.zeros((), device=x0.device)
+        for index, (x0_part, labels_part, t_part, noise_part) in enumerate(micro_batches):
+            last = index == parts - 1
+            with contextlib.nullcontext() if last else no_gradient_sync(self.network):
+                with autocast_context(self.plan.amp, self.processes.device):
+                    loss = self.diffusion.training_loss(
+                        self.network, x0_part, labels_part, min_snr_gamma=self.job.training.min_snr_gamma,
+                        draws=(t_part, noise_part),
+                    ) / parts  # fmt: skip
+                self.state.scaler.scale(loss).backward()
+            total += loss.detach()
+        return total
 
     def optimizer_step(self) -> bool:
         """scaler.step + update; whether the update was applied (fp16: the scale did not back off)."""

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.provenance import sha256_of_tensor
 from ddpm.plumbing.runtime import resolve_device
 
@@ -69,6 +70,8 @@ def setup_processes(device_name: str) -> Processes:
     device = resolve_device(device_name)
     if "RANK" not in os.environ:
         return Processes(rank=0, world_size=1, device=device)
+    if device.type == "mps":
+        raise UserError("torchrun on MPS: torch.distributed has no MPS backend (run one process)")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)

@@ -3,7 +3,7 @@
 `TrainingState` holds the U-Net, its EMA (`WarmupEMA`), the AdamW optimizer, the grad scaler and
 the position in the run (step, epoch, batch, optimizer steps, seconds of training), and turns them
 into the checkpoint dict of `checkpointing.py` and back. The learning rate needs no state of its
-own: the trainer derives it from the optimizer steps and the seconds trained. RNG states (torch CPU/CUDA,
+own: the trainer derives it from the optimizer steps and the seconds trained. RNG states (torch CPU/CUDA/MPS,
 NumPy, Python) are stored as tensors and plain values so the checkpoint loads with
 `torch.load(weights_only=True)`. The data order needs no state of its own: epoch e is shuffled by a
 generator seeded with data_seed + e, as DistributedSampler does.
@@ -85,13 +85,14 @@ def floating_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def capture_rng_states(device: torch.device) -> dict[str, Any]:
-    """The torch (CPU and device), NumPy and Python RNG states, as tensors and plain values."""
+    """The torch (CPU and CUDA or MPS), NumPy and Python RNG states, as tensors and plain values."""
     numpy_state: tuple[str, np.ndarray, int, int, float] = np.random.get_state()  # type: ignore[assignment]
     _, numpy_keys, numpy_position, has_gauss, cached_gaussian = numpy_state
     python_version, python_internal, python_gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "mps": torch.mps.get_rng_state() if device.type == "mps" else None,
         "numpy": {
             "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
             "position": int(numpy_position),
@@ -111,6 +112,8 @@ def restore_rng_states(states: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(states["torch"].cpu())
     if device.type == "cuda" and states["cuda"] is not None:
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+    if device.type == "mps" and states.get("mps") is not None:
+        torch.mps.set_rng_state(states["mps"].cpu())
     numpy_state = states["numpy"]
     np.random.set_state(
         (

@@ -8,9 +8,10 @@ folder's lock (folder_lock.py: one run per folder) from the first check to the l
 fails while saving or logging stops the run with one line naming the file; the checkpoints saved
 before stay intact.
 
-Writes to the output folder: last.pt, <data>_epoch_XX.pt (mnist_epoch_XX.pt for MNIST and MNIST-5k,
-the folder's name for --data-dir), train_log.csv, loss.png, samples_epoch_XX.png and
-samples_step_XXXXXX.png (loop.py says when), and train.lock while it runs.
+Writes to the output folder: config.toml (the run's flags, for --config), last.pt, <data>_epoch_XX.pt
+(mnist_epoch_XX.pt for MNIST and MNIST-5k, the folder's name for --data-dir), train_log.csv,
+loss.png, samples_epoch_XX.png and samples_step_XXXXXX.png (loop.py says when), and train.lock while
+it runs.
 
 Example:
     result = train(TrainingJob(data=DataSettings("mnist-5k"), training=TrainingSettings(max_minutes=15)))
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from ddpm.datasets.sources import load_pixels
 from ddpm.plumbing.checkpointing import build_model
 from ddpm.plumbing.output_files import writable_dir
-from ddpm.plumbing.presets import TrainingJob
+from ddpm.plumbing.presets import TrainingJob, write_run_config
 from ddpm.plumbing.runtime import (
     SpeedPlan,
     compile_or_eager,
@@ -109,8 +110,9 @@ def train_on(job: TrainingJob, processes: Processes, out_dir: Path) -> TrainingR
 
 
 def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
-    """Load the data, build or resume the state, open the log: a Run ready for run_epochs."""
-    job = replace(job, data=job.data.with_defaults())
+    """Load the data, build or resume the state, write config.toml, open the log: a Run ready for
+    run_epochs."""
+    given, job = job, replace(job, data=job.data.with_defaults())
     runtime = job.runtime
     plan = plan_speed(
         runtime.amp, runtime.compile, runtime.compile_mode, runtime.channels_last, processes.device,
@@ -124,6 +126,8 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
     seed_everything(job.run.seed)  # the same initial weights on every rank
     state = build_training_state(config, job, plan, processes.device)
     start_random_streams(state, resumed, job.run.seed, processes)
+    if processes.is_main:
+        write_run_config(given, out_dir)  # the flags as given: --config reads back the same job
     training = job.training
     total_steps = min(training.epochs * data.steps_per_epoch, training.max_steps or math.inf)
     run = Run(
@@ -207,12 +211,18 @@ def describe(run: Run, resumed: Resumed | None) -> None:
     job, state, processes = run.job, run.state, run.processes
     training = job.training
     budget = "" if training.max_minutes is None else f" or {training.max_minutes:g} {training.clock}-min"
+    micro_batches = (
+        f", {training.grad_accum} micro-batches of {training.micro_batch_size} per step"
+        if training.grad_accum > 1
+        else ""
+    )
     processes.announce(
         f"U-Net {count_parameters(state.model):,} parameters | {job.data.data_dir or job.data.data}: "
         f"{len(run.data.images):,} images {'x'.join(map(str, run.config['image_shape']))}"
         f"{', flipped' if job.data.hflip else ''} | "
         f"{processes.world_size} x {processes.device}, {run.plan.describe()} | "
-        f"{run.data.steps_per_epoch} steps/epoch x {training.epochs} epochs{budget} | to {run.out_dir}/"
+        f"{run.data.steps_per_epoch} steps/epoch x {training.epochs} epochs{budget}{micro_batches} | "
+        f"to {run.out_dir}/"
     )
     if resumed is not None:
         processes.announce(
