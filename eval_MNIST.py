@@ -26,7 +26,8 @@ from ddpm.evaluation.evaluate import evaluate, sample_for_rank_0
 from ddpm.evaluation.report import format_report, wrote_line
 from ddpm.plumbing.checkpointing import resolve_checkpoints
 from ddpm.plumbing.cli import OneLineErrorParser, parse_flags, run_cli
-from ddpm.plumbing.settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+from ddpm.plumbing.inference_settings import EvaluationSettings
+from ddpm.plumbing.settings import DataSettings, RuntimeSettings, SamplingSettings
 from ddpm.training.processes import end_processes, setup_processes
 
 

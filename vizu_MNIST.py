@@ -24,13 +24,9 @@ from __future__ import annotations
 import os
 
 from ddpm.plumbing.cli import OneLineErrorParser, parse_flags, run_cli
+from ddpm.plumbing.inference_settings import EditingSettings, VisualisationSettings
 from ddpm.plumbing.messages import UserError
-from ddpm.plumbing.settings import (
-    DataSettings,
-    EditingSettings,
-    GuidedSamplingSettings,
-    VisualisationSettings,
-)
+from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings
 from ddpm.visualisation.visualise import DEFAULT_SAMPLING, visualise
 
 SETTINGS = (VisualisationSettings, GuidedSamplingSettings, DataSettings, EditingSettings)

@@ -39,17 +39,12 @@ from ddpm.evaluation.report import as_json
 from ddpm.evaluation.scoring import classifier_comparison, classifier_scores
 from ddpm.plumbing.checkpointing import build_model
 from ddpm.plumbing.cli import OneLineErrorParser, positive_float, positive_int, run_cli
+from ddpm.plumbing.inference_settings import EvaluationSettings
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import write_json
 from ddpm.plumbing.presets import training_job_from_flags
 from ddpm.plumbing.runtime import resolve_device, seed_everything
-from ddpm.plumbing.settings import (
-    CLOCKS,
-    DataSettings,
-    EvaluationSettings,
-    RuntimeSettings,
-    SamplingSettings,
-)
+from ddpm.plumbing.settings import CLOCKS, DataSettings, RuntimeSettings, SamplingSettings
 from ddpm.training.clocks import CLOCK_READERS, SECONDS_PER_MINUTE
 from ddpm.training.trainer import train
 from ddpm.visualisation.pictures import save_image_grid

@@ -62,9 +62,10 @@ from ddpm.evaluation.sample_sets import score_sample_sets
 from ddpm.evaluation.scoring import compare_with_test_split
 from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, load_for_inference, save_checkpoint
 from ddpm.plumbing.cli import run_cli
+from ddpm.plumbing.inference_settings import EvaluationSettings
 from ddpm.plumbing.provenance import sha256_of_file
 from ddpm.plumbing.runtime import plan_speed
-from ddpm.plumbing.settings import EvaluationSettings, SamplingSettings
+from ddpm.plumbing.settings import SamplingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 40

@@ -28,15 +28,9 @@ import eval_MNIST
 import train_MNIST
 import vizu_MNIST
 from ddpm.plumbing.cli import run_cli
+from ddpm.plumbing.inference_settings import EvaluationSettings, VisualisationSettings
 from ddpm.plumbing.presets import TrainingJob
-from ddpm.plumbing.settings import (
-    DataSettings,
-    EvaluationSettings,
-    GuidedSamplingSettings,
-    RuntimeSettings,
-    SamplingSettings,
-    VisualisationSettings,
-)
+from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, RuntimeSettings, SamplingSettings
 
 CASES_PER_SCRIPT = 67
 SEED = 18

@@ -22,9 +22,10 @@ from typing import Any
 from ddpm.evaluation.evaluate import evaluate
 from ddpm.evaluation.records import CheckpointInfo, EvaluationReport, FidelityScores, SetScores
 from ddpm.evaluation.report import format_report
+from ddpm.plumbing.inference_settings import EvaluationSettings
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import writable_dir, write_csv
-from ddpm.plumbing.settings import DataSettings, EvaluationSettings, RuntimeSettings, SamplingSettings
+from ddpm.plumbing.settings import DataSettings, RuntimeSettings, SamplingSettings
 from ddpm.training.processes import Processes
 from ddpm.visualisation.pictures import save_training_curves
 

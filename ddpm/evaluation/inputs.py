@@ -31,11 +31,12 @@ from ddpm.plumbing.checkpointing import (
     resolve_checkpoint,
     weights_used,
 )
+from ddpm.plumbing.inference_settings import METRICS, SAMPLE_METRICS, EvaluationSettings
 from ddpm.plumbing.messages import UserError, note
 from ddpm.plumbing.output_files import OutputError, writable_dir
 from ddpm.plumbing.provenance import sha256_of_file
 from ddpm.plumbing.runtime import SpeedPlan, prepare_unet
-from ddpm.plumbing.settings import METRICS, SAMPLE_METRICS, EvaluationSettings, SamplingSettings
+from ddpm.plumbing.settings import SamplingSettings
 from ddpm.sampling import check_sampling, sweep_timesteps
 from diffusion import GaussianDiffusion
 

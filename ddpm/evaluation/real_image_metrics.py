@@ -17,8 +17,9 @@ import torch
 from ddpm.evaluation.inputs import LoadedModel, RealData
 from ddpm.evaluation.likelihood import nll_bits_per_dim
 from ddpm.evaluation.records import NllBound, Reconstruction, ReconstructionAtT
+from ddpm.plumbing.inference_settings import EvaluationSettings
 from ddpm.plumbing.runtime import SpeedPlan
-from ddpm.plumbing.settings import EvaluationSettings, SamplingSettings
+from ddpm.plumbing.settings import SamplingSettings
 from ddpm.sampling import reconstruction_sweep, sweep_timesteps
 
 SCALES = {

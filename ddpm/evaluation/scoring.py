@@ -42,7 +42,7 @@ from ddpm.evaluation.inputs import RealData
 from ddpm.evaluation.records import CasScores, SetScores
 from ddpm.evaluation.report import as_json
 from ddpm.plumbing.checkpointing import LEGACY_IMAGE_SHAPE
-from ddpm.plumbing.settings import EvaluationSettings
+from ddpm.plumbing.inference_settings import EvaluationSettings
 
 
 def resolve_extractors(

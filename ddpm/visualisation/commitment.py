@@ -20,8 +20,9 @@ from torch import nn
 
 from ddpm.evaluation.classifier import data_label, default_classifier_path, load_classifier
 from ddpm.plumbing.checkpointing import data_source, image_shape
+from ddpm.plumbing.inference_settings import VisualisationSettings
 from ddpm.plumbing.messages import note
-from ddpm.plumbing.settings import DataSettings, VisualisationSettings
+from ddpm.plumbing.settings import DataSettings
 from ddpm.visualisation.pictures import save_commitment_plot
 from ddpm.visualisation.trajectories import Trajectory, add_class_probabilities, decision_steps
 

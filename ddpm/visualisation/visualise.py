@@ -32,16 +32,11 @@ from torch import nn
 
 from ddpm.datasets.sources import load_images, shape_options, spread_over_classes
 from ddpm.plumbing.checkpointing import data_source, image_shape, load_for_inference, resolve_checkpoint
+from ddpm.plumbing.inference_settings import EditingSettings, VisualisationSettings
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import writable_dir, write_csv
 from ddpm.plumbing.runtime import resolve_device, seed_everything
-from ddpm.plumbing.settings import (
-    DataSettings,
-    EditingSettings,
-    GuidedSamplingSettings,
-    SamplingSettings,
-    VisualisationSettings,
-)
+from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, SamplingSettings
 from ddpm.sampling import check_sampling, check_sweep, reconstruction_sweep, sweep_timesteps
 from ddpm.visualisation.commitment import (
     COMMITMENT_HEADER,
