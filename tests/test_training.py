@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = [*TINY_TRAIN_FLAGS, "--log-every", "1"]  # T = 20, batch 16, 2 warm-up steps, on the CPU
 IMAGES_PER_STEP = 16
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+EVENTS = "events.out.tfevents.*"  # rank 0's TensorBoard event file, one per start
 TORCHRUN_STEPS = 24  # the torchrun runs' length: room for a SIGTERM after step 2 to land before the end
 
 
@@ -271,13 +272,13 @@ def torchrun_straight(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Pa
 
 def test_torchrun_two_cpu_processes(torchrun_straight):
     """torchrun, gloo, 2 processes: the loss falls, both ranks end with identical weights (checked by
-    the trainer's SHA-256 comparison), rank 0 alone writes one checkpoint, and it loads for inference."""
+    the trainer's SHA-256 comparison), rank 0 alone writes one checkpoint (and one event file), and it
+    loads for inference."""
     result, out_dir = torchrun_straight
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the 2 processes end with identical weights" in result.stdout
-    assert sorted(path.name for path in out_dir.iterdir()) == [
-        "config.toml", "last.pt", "loss.png", f"samples_step_{TORCHRUN_STEPS:06d}.png", "train_log.csv"
-    ]  # fmt: skip
+    grid = f"samples_step_{TORCHRUN_STEPS:06d}.png"
+    assert output_names(out_dir) == ["config.toml", EVENTS, "last.pt", "loss.png", grid, "train_log.csv"]
     with (out_dir / "train_log.csv").open(newline="") as log_file:
         losses = [float(row["loss"]) for row in csv.DictReader(log_file)]
     assert len(losses) == TORCHRUN_STEPS and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
@@ -287,6 +288,11 @@ def test_torchrun_two_cpu_processes(torchrun_straight):
     )
     assert len(checkpoint["rng"]) == 2  # each rank's own random stream
     assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+
+
+def output_names(out_dir: Path) -> list[str]:
+    """The folder's file names, each TensorBoard event file as EVENTS (its name has a time and a pid)."""
+    return sorted(EVENTS if path.name.startswith(EVENTS[:-1]) else path.name for path in out_dir.iterdir())
 
 
 def worker_of_rank(agent: subprocess.Popen, rank: int) -> int:
@@ -322,9 +328,7 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_bit_exact(torchrun_straight,
     assert len(saved) == 1 and "saved" in saved[0], stdout + stderr[-2000:]
     stopped = load_checkpoint(out_dir / "last.pt")
     assert 2 <= stopped["step"] < TORCHRUN_STEPS and f"at step {stopped['step']} " in saved[0]
-    assert sorted(path.name for path in out_dir.iterdir()) == [
-        "config.toml", "last.pt", "loss.png", "train_log.csv"
-    ]  # fmt: skip
+    assert output_names(out_dir) == ["config.toml", EVENTS, "last.pt", "loss.png", "train_log.csv"]
 
     resumed = subprocess.run(
         torchrun_command(out_dir, "--max-steps", str(TORCHRUN_STEPS), "--resume", "latest"),

@@ -303,3 +303,6 @@ class RunSettings(Settings):
     save_every: int = setting(10, "epochs between mnist_epoch_XX.pt files", positive_int)
     sample_every: int = setting(5, "epochs between sample grids", positive_int)
     log_every: int = setting(50, "steps between rows of train_log.csv", positive_int)
+    tensorboard: bool = setting(
+        True, "also write each row, the sample grids and the settings as TensorBoard events in --out-dir"
+    )

@@ -16,7 +16,7 @@ Stop rules, checked before each step and agreed by all ranks: --epochs, --max-st
 --save-every epochs and after the last), draws samples_epoch_XX.png every --sample-every epochs and
 after the last, and redraws loss.png; any other stop saves last.pt, and a stop by --max-steps or
 --max-minutes draws samples_step_XXXXXX.png. Sample grids: 64 images from the EMA weights, fixed noise,
-DDIM 50 steps.
+DDIM 50 steps; each also goes to the TensorBoard events as the image `samples` at its step.
 
 Example:
     run = prepare_run(job, processes, out_dir)  # trainer.py
@@ -320,3 +320,4 @@ class Run:
                 image_shape=tuple(self.config["image_shape"]),
             )
         save_image_grid(images, self.out_dir / name, columns=SAMPLE_COLUMNS)
+        self.log.events.add_grid("samples", images, self.state.step, columns=SAMPLE_COLUMNS)

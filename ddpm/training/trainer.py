@@ -9,9 +9,9 @@ fails while saving or logging stops the run with one line naming the file; the c
 before stay intact.
 
 Writes to the output folder: config.toml (the run's flags, for --config), last.pt, <data>_epoch_XX.pt
-(mnist_epoch_XX.pt for MNIST and MNIST-5k, the folder's name for --data-dir), train_log.csv,
-loss.png, samples_epoch_XX.png and samples_step_XXXXXX.png (loop.py says when), and train.lock while
-it runs.
+(mnist_epoch_XX.pt for MNIST and MNIST-5k, the folder's name for --data-dir), train_log.csv, loss.png,
+samples_epoch_XX.png and samples_step_XXXXXX.png (loop.py says when), TensorBoard's
+events.out.tfevents.* (tensorboard_log.py; not with --no-tensorboard), and train.lock while it runs.
 
 Example:
     result = train(TrainingJob(data=DataSettings("mnist-5k"), training=TrainingSettings(max_minutes=15)))
@@ -47,6 +47,7 @@ from ddpm.training.loop import STOPPED_BY_SIGNAL, Run, TrainingData
 from ddpm.training.processes import Processes, end_processes, replicas_agree, setup_processes
 from ddpm.training.resume import Resumed, checkpoint_to_resume, start_random_streams
 from ddpm.training.state import TrainingState
+from ddpm.training.tensorboard_log import open_events
 from ddpm.training.training_log import TrainingLog
 from diffusion import GaussianDiffusion
 from model import count_parameters
@@ -140,17 +141,27 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
         state=state,
         network=network_for_training(state, plan, processes),
         plan=plan,
-        log=TrainingLog(
-            out_dir,
-            processes,
-            images_per_step=training.batch_size * processes.world_size,
-            resume_step=None if resumed is None else resumed.step,
+        log=training_log(
+            job, processes, out_dir, config, resume_step=None if resumed is None else resumed.step
         ),
         bar=tqdm(total=total_steps, initial=state.step, unit="step", disable=not processes.is_main),
         clock=BudgetClock(training.clock, banked=state.train_seconds, max_minutes=training.max_minutes),
     )
     describe(run, resumed)
     return run
+
+
+def training_log(
+    job: TrainingJob, processes: Processes, out_dir: Path, config: dict[str, Any], resume_step: int | None
+) -> TrainingLog:
+    """train_log.csv and, unless --no-tensorboard, the TensorBoard events (rank 0 writes both), kept up
+    to resume_step; the events' hparams are the resolved settings (config["train"])."""
+    events = open_events(
+        out_dir, enabled=job.run.tensorboard and processes.is_main, resume_step=resume_step,
+        settings=config["train"],
+    )  # fmt: skip
+    images_per_step = job.training.batch_size * processes.world_size
+    return TrainingLog(out_dir, processes, images_per_step, resume_step, events)
 
 
 def run_config(job: TrainingJob, image_shape: torch.Size, diffusion: GaussianDiffusion) -> dict[str, Any]:

@@ -5,10 +5,12 @@ img_per_s: the loss and gradient norm averaged over the steps since the last row
 Losses stay on the device between rows, so a row costs one sync. A NaN or infinite loss (or, without a
 grad scaler, gradient norm) stops the run with one line naming its step, before anything is saved
 (the loss is Algorithm 1's of Ho et al. 2020, arXiv:2006.11239). A resumed run keeps the rows up to
-its checkpoint's step; a disk that fails while logging is one line naming the file.
+its checkpoint's step; a disk that fails while logging is one line naming the file. Each row also goes
+to the run's TensorBoard events (tensorboard_log.py) as the scalars train/<column>.
 
 Example:
-    log = TrainingLog(Path("checkpoints"), processes, images_per_step=128, resume_step=None)
+    log = TrainingLog(Path("checkpoints"), processes, images_per_step=128, resume_step=None,
+                      events=TensorBoardLog())  # tensorboard_log.open_events: the run's event file
     log.record(loss.detach(), grad_norm)
     log.flush(step=1, epoch=0.002, lr=2e-4, bar=bar, check_gradients=True)
 """
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import OutputError, write_csv
 from ddpm.training.processes import Processes
+from ddpm.training.tensorboard_log import TensorBoardLog
 from ddpm.visualisation.pictures import plot_loss
 
 LOG_NAME, PLOT_NAME = "train_log.csv", "loss.png"
@@ -41,10 +44,18 @@ class TrainingDiverged(UserError):
 class TrainingLog:
     """Losses stay on the device between rows; each row syncs once, averages over steps and ranks,
     stops on a non-finite loss (or, without a grad scaler, a non-finite gradient norm), and goes to
-    train_log.csv and the progress bar (rank 0)."""
+    train_log.csv, the TensorBoard events and the progress bar (rank 0)."""
 
-    def __init__(self, out_dir: Path, processes: Processes, images_per_step: int, resume_step: int | None):
+    def __init__(
+        self,
+        out_dir: Path,
+        processes: Processes,
+        images_per_step: int,
+        resume_step: int | None,
+        events: TensorBoardLog,
+    ):
         self.out_dir, self.processes, self.images_per_step = out_dir, processes, images_per_step
+        self.events = events  # the run's TensorBoard log (also for the sample grids: loop.py)
         self.path = out_dir / LOG_NAME
         self.losses: list[torch.Tensor] = []
         self.grad_norms: list[torch.Tensor] = []
@@ -76,6 +87,11 @@ class TrainingLog:
                 f"{images_per_second:.1f}",
             )
             self.write_row(self.file, row)
+            self.events.add_scalars(
+                "train",
+                step,
+                {"loss": loss, "lr": lr, "grad_norm": grad_norm, "img_per_s": images_per_second},
+            )
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.0f}")
         self.losses, self.grad_norms = [], []
         self.restart_clock()
@@ -114,7 +130,9 @@ class TrainingLog:
             plot_loss(self.path, self.out_dir / PLOT_NAME)
 
     def close(self) -> None:
-        """Close train_log.csv (every row was flushed when written: nothing is lost if this fails)."""
+        """Close train_log.csv and the TensorBoard events (every row was flushed when written: nothing is
+        lost if this fails)."""
+        self.events.close()
         if self.file is not None:
             with contextlib.suppress(OSError):
                 self.file.close()
