@@ -27,8 +27,8 @@ from ddpm.evaluation.report import format_report, wrote_line
 from ddpm.plumbing.checkpointing import resolve_checkpoints
 from ddpm.plumbing.cli import OneLineErrorParser, parse_flags, run_cli
 from ddpm.plumbing.inference_settings import EvaluationSettings
+from ddpm.plumbing.processes import end_processes, setup_processes
 from ddpm.plumbing.settings import DataSettings, RuntimeSettings, SamplingSettings
-from ddpm.training.processes import end_processes, setup_processes
 
 
 def parse_args(

@@ -234,7 +234,7 @@ class TrainerContestant(Contestant):
     train_MNIST.py runs."""
 
     def __init__(self, ours_settings: ModelSettings, runtime: RuntimeSettings, args, out_dir: Path):
-        from ddpm.training.processes import setup_processes
+        from ddpm.plumbing.processes import setup_processes
         from ddpm.training.trainer import prepare_run
 
         job = TrainingJob(

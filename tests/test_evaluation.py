@@ -63,6 +63,7 @@ from ddpm.evaluation.scoring import compare_with_test_split
 from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, load_for_inference, save_checkpoint
 from ddpm.plumbing.cli import run_cli
 from ddpm.plumbing.inference_settings import EvaluationSettings
+from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.provenance import sha256_of_file
 from ddpm.plumbing.runtime import plan_speed
 from ddpm.plumbing.settings import SamplingSettings
@@ -587,7 +588,10 @@ def test_evaluation_runs_with_a_compiled_unet(tiny_checkpoint, classifier_path, 
     real = load_real_data("mnist-5k", None, compiled.image_shape)
     comparison, _ = compare_with_test_split(settings, real, load_judge(settings, real, True, device), device)
     paths = output_paths(settings, "compiled")
-    scores = score_sample_sets(compiled, settings, sampling_settings, plan, real, paths, comparison, None)
+    alone = Processes(rank=0, world_size=1, device=device)
+    scores = score_sample_sets(
+        compiled, settings, sampling_settings, plan, real, paths, comparison, None, alone
+    )
     assert scores.generated.classifier is not None and paths.samples_png.is_file()
     assert reconstruction_scores(compiled, settings, sampling_settings, plan, real, device).num_images == 2
     assert nll_of_test_split(compiled, settings, real, device).num_images == 2

@@ -46,9 +46,9 @@ from ddpm.plumbing.checkpointing import (
 )
 from ddpm.plumbing.cli import run_cli
 from ddpm.plumbing.presets import training_job_from_flags
+from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.runtime import SpeedPlan, seed_everything
 from ddpm.training.loop import Run, TrainingData, drop_labels
-from ddpm.training.processes import Processes
 from ddpm.training.trainer import TrainingResult, train
 from diffusion import GaussianDiffusion
 from train_MNIST import main

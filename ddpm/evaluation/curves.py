@@ -25,8 +25,8 @@ from ddpm.evaluation.report import format_report
 from ddpm.plumbing.inference_settings import EvaluationSettings
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import writable_dir, write_csv
+from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.settings import DataSettings, RuntimeSettings, SamplingSettings
-from ddpm.training.processes import Processes
 from ddpm.visualisation.pictures import save_training_curves
 
 CURVE_NAME = "training_curve"

@@ -52,10 +52,10 @@ from ddpm.evaluation.report import write_report
 from ddpm.evaluation.sample_sets import draw_sample_set, score_sample_sets
 from ddpm.evaluation.scoring import compare_with_test_split, set_scores
 from ddpm.plumbing.inference_settings import EvaluationSettings
+from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.provenance import hardware, library_versions, sha256_of_tensor
 from ddpm.plumbing.runtime import SpeedPlan, configure_fast_path, plan_speed, resolve_device, seed_everything
 from ddpm.plumbing.settings import DataSettings, RuntimeSettings, SamplingSettings
-from ddpm.training.processes import Processes
 
 
 def evaluate(

@@ -29,10 +29,10 @@ from ddpm.evaluation.saved_samples import save_samples
 from ddpm.evaluation.scoring import class_accuracy_score, set_scores
 from ddpm.plumbing.inference_settings import EvaluationSettings
 from ddpm.plumbing.output_files import write_csv
+from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.runtime import SpeedPlan
 from ddpm.plumbing.settings import SamplingSettings
 from ddpm.sampling import generate_samples, in_sample_order
-from ddpm.training.processes import Processes
 from ddpm.visualisation.pictures import save_image_grid
 
 GRID_COLUMNS = 10

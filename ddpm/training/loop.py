@@ -42,10 +42,10 @@ from ddpm.plumbing.checkpointing import LAST_NAME, data_name, epoch_checkpoint_n
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import OutputError
 from ddpm.plumbing.presets import TrainingJob
+from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.runtime import SpeedPlan, autocast_context
 from ddpm.sampling import balanced_labels
 from ddpm.training.clocks import BudgetClock, StopSignals
-from ddpm.training.processes import Processes
 from ddpm.training.state import TrainingState, capture_rng_states
 from ddpm.training.training_log import TrainingDiverged, TrainingLog
 from ddpm.visualisation.pictures import save_image_grid

@@ -22,8 +22,8 @@ from typing import Any
 from ddpm.plumbing.checkpointing import CheckpointError, latest_checkpoint, load_checkpoint
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.presets import TrainingJob
+from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.runtime import seed_everything
-from ddpm.training.processes import Processes
 from ddpm.training.state import TrainingState, restore_rng_states
 
 SETUP_SECTIONS = ("model", "diffusion")  # the config sections a resume must match, key by key

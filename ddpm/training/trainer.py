@@ -34,6 +34,7 @@ from ddpm.datasets.sources import load_pixels
 from ddpm.plumbing.checkpointing import build_model
 from ddpm.plumbing.output_files import writable_dir
 from ddpm.plumbing.presets import TrainingJob, write_run_config
+from ddpm.plumbing.processes import Processes, end_processes, replicas_agree, setup_processes
 from ddpm.plumbing.runtime import (
     SpeedPlan,
     compile_or_eager,
@@ -44,7 +45,6 @@ from ddpm.plumbing.runtime import (
 from ddpm.training.clocks import BudgetClock, StopSignals
 from ddpm.training.folder_lock import FolderLock
 from ddpm.training.loop import STOPPED_BY_SIGNAL, Run, TrainingData
-from ddpm.training.processes import Processes, end_processes, replicas_agree, setup_processes
 from ddpm.training.resume import Resumed, checkpoint_to_resume, start_random_streams
 from ddpm.training.state import TrainingState
 from ddpm.training.tensorboard_log import open_events

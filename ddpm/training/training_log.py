@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import OutputError, write_csv
-from ddpm.training.processes import Processes
+from ddpm.plumbing.processes import Processes
 from ddpm.training.tensorboard_log import TensorBoardLog
 from ddpm.visualisation.pictures import plot_loss
 

@@ -1,11 +1,13 @@
-"""The processes of a training run: one alone, or the ranks of a torchrun job (DistributedDataParallel).
+"""The processes of a run: one alone, or the ranks of a torchrun job (training's DistributedDataParallel,
+evaluation's samples split over the ranks).
 
 `setup_processes` joins the torchrun job when RANK is set (gloo on a CPU, nccl on CUDA), else runs
 alone as rank 0 of 1. `Processes` says where this process stands and carries the few collective
-operations the trainer needs: the maxima of its stop-rule values (a signal to any rank stops them
-all), gathering RNG states for the checkpoint, and checking at the end that every rank holds the
-same weights (one SHA-256 per tensor, provenance.sha256_of_tensor). Data parallelism as in
-PyTorch's DDP (Li et al. 2020, arXiv:2006.15704).
+operations the trainer and the evaluation need: the maxima of the trainer's stop-rule values (a
+signal to any rank stops them all), gathering RNG states for the checkpoint and the evaluation's
+sample sets, and checking at the end of training that every rank holds the same weights (one SHA-256
+per tensor, provenance.sha256_of_tensor). Data parallelism as in PyTorch's DDP (Li et al. 2020,
+arXiv:2006.15704).
 
 Example:
     processes = setup_processes("auto")
