@@ -10,8 +10,8 @@ before stay intact.
 
 Writes to the output folder: config.toml (the run's flags, for --config), last.pt, <data>_epoch_XX.pt
 (mnist_epoch_XX.pt for MNIST and MNIST-5k, the folder's name for --data-dir), train_log.csv,
-loss.png, samples_epoch_XX.png and samples_step_XXXXXX.png (loop.py says when), and train.lock while
-it runs.
+loss.png, samples_epoch_XX.png and samples_step_XXXXXX.png (loop.py says when), quality_log.csv and
+best.pt (every --eval-every epochs: quality.py), and train.lock while it runs.
 
 Example:
     result = train(TrainingJob(data=DataSettings("mnist-5k"), training=TrainingSettings(max_minutes=15)))
@@ -45,6 +45,7 @@ from ddpm.training.clocks import BudgetClock, StopSignals
 from ddpm.training.folder_lock import FolderLock
 from ddpm.training.loop import STOPPED_BY_SIGNAL, Run, TrainingData
 from ddpm.training.processes import Processes, end_processes, replicas_agree, setup_processes
+from ddpm.training.quality import prepare_quality
 from ddpm.training.resume import Resumed, checkpoint_to_resume, start_random_streams
 from ddpm.training.state import TrainingState
 from ddpm.training.training_log import TrainingLog
@@ -126,6 +127,11 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
     seed_everything(job.run.seed)  # the same initial weights on every rank
     state = build_training_state(config, job, plan, processes.device)
     start_random_streams(state, resumed, job.run.seed, processes)
+    quality = prepare_quality(
+        job, processes, out_dir, labels=data.labels, steps_per_epoch=data.steps_per_epoch,
+        epochs_done=state.epoch, resume_step=None if resumed is None else resumed.step,
+        diffusion=diffusion, image_shape=tuple(config["image_shape"]), amp=plan.amp,
+    )  # fmt: skip
     if processes.is_main:
         write_run_config(given, out_dir)  # the flags as given: --config reads back the same job
     training = job.training
@@ -148,6 +154,7 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
         ),
         bar=tqdm(total=total_steps, initial=state.step, unit="step", disable=not processes.is_main),
         clock=BudgetClock(training.clock, banked=state.train_seconds, max_minutes=training.max_minutes),
+        quality=quality,
     )
     describe(run, resumed)
     return run
