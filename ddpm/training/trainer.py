@@ -124,14 +124,16 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
     data = load_training_data(job, processes)
     config = run_config(job, data.images.shape[1:], diffusion)
     resumed = checkpoint_to_resume(job, out_dir, config, processes)
+    # before the seeding: reading the classifier draws its initial weights from the global RNG
+    quality = prepare_quality(
+        job, processes, out_dir, labels=data.labels, steps_per_epoch=data.steps_per_epoch,
+        epochs_done=0 if resumed is None else resumed.checkpoint["epoch"],
+        resume_step=None if resumed is None else resumed.step,
+        diffusion=diffusion, image_shape=tuple(config["image_shape"]), amp=plan.amp,
+    )  # fmt: skip
     seed_everything(job.run.seed)  # the same initial weights on every rank
     state = build_training_state(config, job, plan, processes.device)
     start_random_streams(state, resumed, job.run.seed, processes)
-    quality = prepare_quality(
-        job, processes, out_dir, labels=data.labels, steps_per_epoch=data.steps_per_epoch,
-        epochs_done=state.epoch, resume_step=None if resumed is None else resumed.step,
-        diffusion=diffusion, image_shape=tuple(config["image_shape"]), amp=plan.amp,
-    )  # fmt: skip
     if processes.is_main:
         write_run_config(given, out_dir)  # the flags as given: --config reads back the same job
     training = job.training
