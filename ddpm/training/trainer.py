@@ -127,7 +127,7 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
     # before the seeding: reading the classifier draws its initial weights from the global RNG
     quality = prepare_quality(
         job, processes, out_dir, labels=data.labels, steps_per_epoch=data.steps_per_epoch,
-        epochs_done=0 if resumed is None else resumed.checkpoint["epoch"],
+        epochs_done=0 if resumed is None else resumed.checkpoint.get("epoch", 0),
         resume_step=None if resumed is None else resumed.step,
         diffusion=diffusion, image_shape=tuple(config["image_shape"]), amp=plan.amp,
     )  # fmt: skip
