@@ -128,7 +128,7 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
     quality = prepare_quality(
         job, processes, out_dir, labels=data.labels, steps_per_epoch=data.steps_per_epoch,
         epochs_done=0 if resumed is None else resumed.checkpoint.get("epoch", 0),
-        resume_step=None if resumed is None else resumed.step,
+        resume_step=None if resumed is None else resumed.checkpoint.get("step"),
         diffusion=diffusion, image_shape=tuple(config["image_shape"]), amp=plan.amp,
     )  # fmt: skip
     seed_everything(job.run.seed)  # the same initial weights on every rank
@@ -152,7 +152,7 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
             out_dir,
             processes,
             images_per_step=training.batch_size * processes.world_size,
-            resume_step=None if resumed is None else resumed.step,
+            resume_step=None if resumed is None else resumed.checkpoint.get("step"),
         ),
         bar=tqdm(total=total_steps, initial=state.step, unit="step", disable=not processes.is_main),
         clock=BudgetClock(training.clock, banked=state.train_seconds, max_minutes=training.max_minutes),
