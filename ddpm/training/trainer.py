@@ -152,7 +152,7 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
             out_dir,
             processes,
             images_per_step=training.batch_size * processes.world_size,
-            resume_step=None if resumed is None else resumed.checkpoint.get("step"),
+            resume_step=None if resumed is None else resumed.step,
         ),
         bar=tqdm(total=total_steps, initial=state.step, unit="step", disable=not processes.is_main),
         clock=BudgetClock(training.clock, banked=state.train_seconds, max_minutes=training.max_minutes),
