@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = [
     "--model-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1", "--attn-resolutions", "",
     "--T", "20", "--batch-size", "16", "--warmup-steps", "2", "--dropout", "0.1", "--class-cond",
-    "--log-every", "1", "--save-every", "1", "--sample-every", "1000", "--device", "cpu",
+    "--log-every", "1", "--save-every", "1", "--sample-every", "1000", "--eval-every", "0", "--device", "cpu",
 ]  # fmt: skip
 BATCH_SIZE = 16
 POLL_SECONDS = 0.02

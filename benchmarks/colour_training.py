@@ -79,8 +79,8 @@ def training_flags(args: argparse.Namespace, data_dir: Path, run_dir: Path, extr
         "--data-dir", str(data_dir), "--channels", "3", "--image-size", str(args.image_size),
         "--max-steps", str(args.steps), *SMALL_UNET, "--batch-size", str(args.batch_size), "--lr", "1e-3",
         "--warmup-steps", "20", "--log-every", str(args.log_every), "--save-every", "1000",
-        "--sample-every", "1000", "--device", "cpu", "--seed", str(args.seed), "--out-dir", str(run_dir),
-        *extra,
+        "--sample-every", "1000", "--eval-every", "0", "--device", "cpu", "--seed", str(args.seed),
+        "--out-dir", str(run_dir), *extra,
     ]  # fmt: skip
 
 

@@ -242,7 +242,7 @@ class TrainerContestant(Contestant):
             model=ours_settings,
             training=replace(TrainingSettings(), batch_size=args.batch_size, warmup_steps=0),
             runtime=runtime,
-            run=RunSettings(out_dir=str(out_dir), seed=args.seed, log_every=10**9),
+            run=RunSettings(out_dir=str(out_dir), seed=args.seed, log_every=10**9, eval_every=0),
         )
         processes = setup_processes(runtime.device)
         self.run = prepare_run(job, processes, out_dir)  # a private temp folder: no lock

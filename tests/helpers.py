@@ -42,6 +42,8 @@ TINY_TRAIN_FLAGS = [
     "16",
     "--warmup-steps",
     "2",
+    "--eval-every",  # no quality measures (the tiny data has no test split): test_quality.py has them
+    "0",
     "--device",
     "cpu",
 ]

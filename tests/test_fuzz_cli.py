@@ -55,7 +55,7 @@ GENERIC_VALUES = [
 HUGE_VALUES = ["999999999999", "1e308", "99999999999999999999999"]
 WORK_FLAGS = {  # the amount of work (samples, images, epochs of CAS) or compiling: never huge, never "on"
     "--num-samples", "--num-recon", "--num-images", "--cas-epochs", "--compile", "--compile-mode",
-    "--repeats", "--num-nll", "--metrics",
+    "--repeats", "--num-nll", "--metrics", "--eval-samples",
 }  # fmt: skip
 FLAG_VALUES = {
     "--device": ["cpu", "cuda", "cuda:1", "cpu:0", "meta", "mps"],

@@ -112,10 +112,14 @@ def test_every_script_reads_a_config_file(tmp_path):
         ["--config", str(write(tmp_path / "eval.toml", 'num-samples = 20\nsampler = "dpm++2m"\n'))]
     )
     assert (eval_settings.num_samples, sampling.sampler) == (20, "dpm++2m")
-    vizu_settings, guided, _ = vizu_MNIST.parse_args(
-        ["--config", str(write(tmp_path / "vizu.toml", "t = 300\nguidance = [1, 2]\ngenerate = true\n"))]
+    vizu_settings, guided, _, editing = vizu_MNIST.parse_args(
+        [
+            "--config",
+            str(write(tmp_path / "vizu.toml", "t = 300\nguidance = [1, 2]\ngenerate = true\nframes = 5\n")),
+        ]
     )
     assert (vizu_settings.t, guided.guidance, vizu_settings.generate) == (300, (1.0, 2.0), True)
+    assert editing.frames == 5
     classifier_args = train_classifier.parse_args(
         [
             "--config",

@@ -88,10 +88,11 @@ def draws_samples(settings: EvaluationSettings) -> bool:
     return bool(set(settings.metrics) & set(SAMPLE_METRICS))
 
 
-def check_counts(settings: EvaluationSettings, num_classes: int | None) -> None:
-    """The one check of --num-samples, before anything is sampled: FID needs a covariance, a
-    class-conditional model one sample per class (CAS, the grid's rows), and precision/recall more
-    than k images per compared set (the samples, the floor and the ceiling hold --num-samples each)."""
+def check_counts(settings: EvaluationSettings, num_classes: int | None, flag: str = "--num-samples") -> None:
+    """The one check of --num-samples (or the flag that sets settings.num_samples, such as training's
+    --eval-samples), before anything is sampled: FID needs a covariance, a class-conditional model one
+    sample per class (CAS, the grid's rows), and precision/recall more than k images per compared set
+    (the samples, the floor and the ceiling hold --num-samples each)."""
     needs = [(FEWEST_FOR_FID, "FID needs a covariance")]
     if num_classes is not None:
         needs.append((num_classes, "CAS one sample per class"))
@@ -100,7 +101,7 @@ def check_counts(settings: EvaluationSettings, num_classes: int | None) -> None:
     minimum = max(count for count, _ in needs)
     if settings.num_samples < minimum:
         reasons = ", ".join(reason for _, reason in needs)
-        raise UserError(f"--num-samples must be at least {minimum} ({reasons}), got {settings.num_samples}")
+        raise UserError(f"{flag} must be at least {minimum} ({reasons}), got {settings.num_samples}")
 
 
 def repeat_seeds(settings: EvaluationSettings) -> list[int]:

@@ -302,6 +302,16 @@ class RunSettings(Settings):
     seed: int = setting(0, "seed for weights, data order, noise and sample grids", seed_number)
     save_every: int = setting(10, "epochs between mnist_epoch_XX.pt files", positive_int)
     sample_every: int = setting(5, "epochs between sample grids", positive_int)
+    eval_every: int = setting(
+        10,
+        "epochs between quality measures, and after the last (0: none): eval_MNIST.py's classifier-FID, IS, "
+        "precision and recall of --eval-samples EMA samples (DDIM 20 steps) to quality_log.csv; best.pt "
+        "keeps the lowest FID",
+        non_negative_int,
+    )
+    eval_samples: int = setting(
+        1000, "samples per quality measure (at least 4; 10 for a class-conditional model)", positive_int
+    )
     log_every: int = setting(50, "steps between rows of train_log.csv", positive_int)
     tensorboard: bool = setting(
         True, "also write each row, the sample grids and the settings as TensorBoard events in --out-dir"

@@ -14,9 +14,11 @@ checkpoints fall between them and a resume is bit-exact whatever --grad-accum.
 Stop rules, checked before each step and agreed by all ranks: --epochs, --max-steps, --max-minutes
 (clocks.BudgetClock), SIGINT/SIGTERM. Each epoch end logs, saves last.pt (and <data>_epoch_XX.pt every
 --save-every epochs and after the last), draws samples_epoch_XX.png every --sample-every epochs and
-after the last, and redraws loss.png; any other stop saves last.pt, and a stop by --max-steps or
---max-minutes draws samples_step_XXXXXX.png. Sample grids: 64 images from the EMA weights, fixed noise,
-DDIM 50 steps; each also goes to the TensorBoard events as the image `samples` at its step.
+after the last, measures the quality every --eval-every epochs and after the last (quality.py:
+quality_log.csv, best.pt; the budget clock is paused), and redraws loss.png; any other stop saves
+last.pt, and a stop by --max-steps or --max-minutes draws samples_step_XXXXXX.png. Sample grids: 64
+images from the EMA weights, fixed noise, DDIM 50 steps; each also goes to the TensorBoard events as
+the image `samples` at its step, and each measure as the scalars `quality/*`.
 
 Example:
     run = prepare_run(job, processes, out_dir)  # trainer.py
@@ -46,6 +48,7 @@ from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.runtime import SpeedPlan, autocast_context
 from ddpm.sampling import balanced_labels
 from ddpm.training.clocks import BudgetClock, StopSignals
+from ddpm.training.quality import TrainingQuality
 from ddpm.training.state import TrainingState, capture_rng_states
 from ddpm.training.training_log import TrainingDiverged, TrainingLog
 from ddpm.visualisation.pictures import save_image_grid
@@ -138,6 +141,7 @@ class Run:
     bar: tqdm
     clock: BudgetClock
     signal_number: int | None = None  # the stop signal, as agreed by every rank
+    quality: TrainingQuality | None = None  # the measures of --eval-every (None: none)
 
     def progress(self, seconds: float) -> float:
         """The part of the run done, for the cosine LR: the larger of the optimizer steps after the
@@ -255,15 +259,22 @@ class Run:
         return STOPPED_BY_EPOCHS
 
     def end_epoch(self) -> None:
-        """Log, save last.pt (and <data>_epoch_XX.pt), sample a grid and redraw loss.png."""
+        """Log, save last.pt (and <data>_epoch_XX.pt), sample a grid, measure the quality (best.pt) and
+        redraw loss.png."""
         epoch, last_epoch, run = self.state.epoch, self.state.epoch == self.job.training.epochs, self.job.run
         self.flush_log()
         names = [LAST_NAME]
         if epoch % run.save_every == 0 or last_epoch:
             names.append(epoch_checkpoint_name(epoch, data_name(self.job.data.data, self.job.data.data_dir)))
-        self.save(names)
+        checkpoint = self.save(names)
         if epoch % run.sample_every == 0 or last_epoch:
             self.save_samples(f"samples_epoch_{epoch:02d}.png")
+        if self.quality is not None and self.quality.due(epoch):
+            record = self.quality.measure(self.state)  # rank 0 measures, the other ranks wait
+            if record is not None:
+                self.quality.keep_best(record, checkpoint)  # best.pt when its FID is the lowest yet
+                self.quality.log(record)  # quality_log.csv and a line on the terminal
+                self.log.events.add_scalars("quality", record.step, record.scalars())
         self.log.plot()
         self.log.restart_clock()  # img/s counts training time only
 
@@ -278,13 +289,13 @@ class Run:
             self.save_samples(f"samples_step_{self.state.step:06d}.png")
         self.log.plot()
 
-    def save(self, names: list[str]) -> None:
-        """Every rank hands in its RNG states; rank 0 checks the weights are finite and writes the
-        checkpoint under each name."""
+    def save(self, names: list[str]) -> dict[str, Any] | None:
+        """Every rank hands in its RNG states; rank 0 checks the weights are finite, writes the
+        checkpoint under each name and returns it (the other ranks: None)."""
         self.state.train_seconds = self.clock.seconds()
         rng_states = self.processes.gather(capture_rng_states(self.processes.device))
         if not self.processes.is_main:
-            return
+            return None
         if non_finite_weights(self.state):
             raise TrainingDiverged(
                 f"weights became NaN or infinite by step {self.state.step}: training stopped, "
@@ -299,6 +310,7 @@ class Run:
                     f"{error}: training stopped at step {self.state.step}; the checkpoints saved before "
                     f"are intact in {self.out_dir}/"
                 ) from None
+        return checkpoint
 
     @torch.no_grad()
     def save_samples(self, name: str) -> None:

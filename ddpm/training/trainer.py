@@ -9,9 +9,10 @@ fails while saving or logging stops the run with one line naming the file; the c
 before stay intact.
 
 Writes to the output folder: config.toml (the run's flags, for --config), last.pt, <data>_epoch_XX.pt
-(mnist_epoch_XX.pt for MNIST and MNIST-5k, the folder's name for --data-dir), train_log.csv, loss.png,
-samples_epoch_XX.png and samples_step_XXXXXX.png (loop.py says when), TensorBoard's
-events.out.tfevents.* (tensorboard_log.py; not with --no-tensorboard), and train.lock while it runs.
+(mnist_epoch_XX.pt for MNIST and MNIST-5k, the folder's name for --data-dir), train_log.csv,
+loss.png, samples_epoch_XX.png and samples_step_XXXXXX.png (loop.py says when), quality_log.csv and
+best.pt (every --eval-every epochs: quality.py), TensorBoard's events.out.tfevents.*
+(tensorboard_log.py; not with --no-tensorboard), and train.lock while it runs.
 
 Example:
     result = train(TrainingJob(data=DataSettings("mnist-5k"), training=TrainingSettings(max_minutes=15)))
@@ -45,6 +46,7 @@ from ddpm.plumbing.runtime import (
 from ddpm.training.clocks import BudgetClock, StopSignals
 from ddpm.training.folder_lock import FolderLock
 from ddpm.training.loop import STOPPED_BY_SIGNAL, Run, TrainingData
+from ddpm.training.quality import prepare_quality
 from ddpm.training.resume import Resumed, checkpoint_to_resume, start_random_streams
 from ddpm.training.state import TrainingState
 from ddpm.training.tensorboard_log import open_events
@@ -124,6 +126,13 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
     data = load_training_data(job, processes)
     config = run_config(job, data.images.shape[1:], diffusion)
     resumed = checkpoint_to_resume(job, out_dir, config, processes)
+    # before the seeding: reading the classifier draws its initial weights from the global RNG
+    quality = prepare_quality(
+        job, processes, out_dir, labels=data.labels, steps_per_epoch=data.steps_per_epoch,
+        epochs_done=0 if resumed is None else resumed.checkpoint.get("epoch", 0),
+        resume_step=None if resumed is None else resumed.checkpoint.get("step"),
+        diffusion=diffusion, image_shape=tuple(config["image_shape"]), amp=plan.amp,
+    )  # fmt: skip
     seed_everything(job.run.seed)  # the same initial weights on every rank
     state = build_training_state(config, job, plan, processes.device)
     start_random_streams(state, resumed, job.run.seed, processes)
@@ -146,6 +155,7 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
         ),
         bar=tqdm(total=total_steps, initial=state.step, unit="step", disable=not processes.is_main),
         clock=BudgetClock(training.clock, banked=state.train_seconds, max_minutes=training.max_minutes),
+        quality=quality,
     )
     describe(run, resumed)
     return run
