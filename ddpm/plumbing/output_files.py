@@ -39,6 +39,11 @@ def writable_dir(path: str | Path) -> Path:
         raise OutputError(f"cannot create output folder {path}: {error.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {path} is not writable")
+    try:  # the permission bits can say yes where no file can be made (/proc, some mounts, as root)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise OutputError(f"output folder {path} is not writable: {error.strerror or error}") from None
     return path
 
 
