@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+import vizu_MNIST
 from ddpm.datasets.sources import load_images
 from ddpm.plumbing.checkpointing import build_model
 from diffusion import GaussianDiffusion
@@ -101,3 +104,20 @@ def run_eval(argv: list[str]) -> tuple[str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         eval_MNIST.main(argv)
     return out.getvalue(), err.getvalue()
+
+
+def run_vizu(checkpoint: Path, out_dir: Path, flags: str) -> None:
+    """vizu_MNIST.main in-process on the CPU, with space-separated extra flags."""
+    vizu_MNIST.main(
+        ["--checkpoint", str(checkpoint), "--out-dir", str(out_dir), "--device", "cpu", *flags.split()]
+    )
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def gif_frame_count(path: Path) -> int:
+    with Image.open(path) as gif:
+        return gif.n_frames

@@ -6,17 +6,16 @@ input), and --sampler heun's flags (--s-churn, start steps too small for it)."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import gif_frame_count, read_csv, run_vizu
 from PIL import Image
 from test_diffusion import MU, SIGMA, CountingOracle, GaussianOracle, LabelSpy, oracle_affine
 
-import vizu_MNIST as vizu
 from ddpm.datasets.sources import load_images
 from ddpm.evaluation.image_metrics import mse
 from ddpm.plumbing.checkpointing import load_for_inference
@@ -231,21 +230,6 @@ def test_slerp_follows_the_great_circle_per_sample():
 
 
 # ----- vizu_MNIST.py --interpolate and --inpaint, and --sampler heun, on the tiny checkpoint -------
-
-
-def run_vizu(checkpoint: Path, out_dir: Path, flags: str) -> None:
-    """vizu_MNIST.main in-process on the CPU, with space-separated extra flags."""
-    vizu.main(["--checkpoint", str(checkpoint), "--out-dir", str(out_dir), "--device", "cpu", *flags.split()])
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def gif_frame_count(path: Path) -> int:
-    with Image.open(path) as gif:
-        return gif.n_frames
 
 
 def test_interpolate_writes_strip_gif_csv_and_its_end_frames_are_round_trips(tiny_checkpoint, tmp_path):

@@ -6,7 +6,6 @@ All runs use the session's tiny checkpoint (T = 100, trained for a few seconds) 
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL_CONFIG
+from helpers import TINY_MODEL_CONFIG, gif_frame_count, read_csv, run_vizu
 from PIL import Image
 from torch import nn
 
-import vizu_MNIST as vizu
 from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, build_model, save_checkpoint
 from ddpm.plumbing.cli import run_cli
 from ddpm.plumbing.messages import USER_ERROR_EXIT_CODE
@@ -37,21 +35,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run_vizu(checkpoint: Path, out_dir: Path, flags: str) -> None:
-    """vizu_MNIST.main in-process on the CPU, with space-separated extra flags."""
-    vizu.main(["--checkpoint", str(checkpoint), "--out-dir", str(out_dir), "--device", "cpu", *flags.split()])
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def gif_frame_count(path: Path) -> int:
-    with Image.open(path) as gif:
-        return gif.n_frames
 
 
 def test_reconstruction_writes_every_file(tiny_checkpoint, tmp_path, mnist_5k_test):
