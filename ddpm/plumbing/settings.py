@@ -173,10 +173,20 @@ class DiffusionSettings(Settings):
     T: int = setting(1000, "diffusion steps", int_between(2, MAX_T), flag="--T")
     schedule: str = setting("cosine", "noise schedule", choices=SCHEDULES)
     prediction: str = setting("eps", "what the network predicts", choices=PREDICTIONS)
+    learn_sigma: bool = setting(
+        False,
+        "learn the reverse variance (Nichol & Dhariwal eq. 15; the U-Net outputs 2C channels) with "
+        "L_hybrid = L_simple + 0.001 L_vlb",
+    )
 
     def config(self) -> dict[str, Any]:
         """The keyword arguments of diffusion.GaussianDiffusion."""
-        return {"T": self.T, "schedule": self.schedule, "prediction": self.prediction}
+        return {
+            "T": self.T,
+            "schedule": self.schedule,
+            "prediction": self.prediction,
+            "learn_sigma": self.learn_sigma,
+        }
 
 
 @dataclass(frozen=True)
