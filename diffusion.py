@@ -3,11 +3,11 @@
 Follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (arXiv:2006.11239), with the
 cosine schedule of Nichol & Dhariwal 2021 (arXiv:2102.09672), DDIM of Song et al. 2021
 (arXiv:2010.02502), v-prediction of Salimans & Ho 2022 (arXiv:2202.00512), min-SNR weighting of
-Hang et al. 2023 (arXiv:2303.09556), the learned variance and hybrid loss of Nichol & Dhariwal (eq. 15,
-section 3.1) with their respaced sampling in fewer steps (section 4), DPM-Solver++ of Lu et al. 2022 (arXiv:2211.01095), the Heun
-sampler of Karras et al. 2022 (arXiv:2206.00364), classifier-free guidance of Ho & Salimans 2022
-(arXiv:2207.12598), and two edits of real images: DDIM inversion (Song et al., section 4.3) and
-RePaint inpainting (Lugmayr et al. 2022, arXiv:2201.09865).
+Hang et al. 2023 (arXiv:2303.09556), the learned variance and hybrid loss of Nichol & Dhariwal
+(eq. 15, section 3.1) with their respaced sampling in fewer steps (section 4), DPM-Solver++ of Lu et
+al. 2022 (arXiv:2211.01095), the Heun sampler of Karras et al. 2022 (arXiv:2206.00364),
+classifier-free guidance of Ho & Salimans 2022 (arXiv:2207.12598), and two edits of real images:
+DDIM inversion (Song et al., section 4.3) and RePaint inpainting (Lugmayr et al. 2022, arXiv:2201.09865).
 
 Timestep convention (one for the whole repo): t is an integer index in {0, ..., T-1}, and index t
 is the paper's step t+1. So `betas[0]` is the paper's beta_1, `alphas_cumprod[t]` is alpha_bar_{t+1},
@@ -377,7 +377,8 @@ class GaussianDiffusion(nn.Module):
             log_variance = posterior.log_variance_clipped
         else:
             log_variance = self.learned_log_variance(variance_output, posterior)
-        return {"mean": mean, "variance": log_variance.exp(), "log_variance": log_variance, "pred_x0": pred_x0}
+        variance = log_variance.exp()
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0}
 
     def vb_terms_bpd(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, p: dict[str, torch.Tensor]
@@ -482,10 +483,10 @@ class GaussianDiffusion(nn.Module):
 
         DDPM visits every step by default; with fewer `steps` it visits DDIM's, respaced as in
         improved-diffusion (see respaced_posterior). DDIM visits `steps` evenly spaced ones that start
-        at start_t and end at 0 (start_t = 999, 10 steps: 999, 888, ..., 111, 0). DPM-Solver++ spaces them evenly in
-        lambda = log(alpha / sigma) (see _log_snr_uniform_timesteps). Heun lists its evaluations (see
-        _heun_timesteps): a level appears twice where a Heun step lands on it. The list's length is
-        always the number of model evaluations.
+        at start_t and end at 0 (start_t = 999, 10 steps: 999, 888, ..., 111, 0). DPM-Solver++ spaces
+        them evenly in lambda = log(alpha / sigma) (see _log_snr_uniform_timesteps). Heun lists its
+        evaluations (see _heun_timesteps): a level appears twice where a Heun step lands on it. The
+        list's length is always the number of model evaluations.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {SAMPLERS}")

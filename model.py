@@ -257,8 +257,9 @@ class UNet(nn.Module):
             if level > 0:
                 self.upsamples.append(Upsample(channels))
 
+        output_channels = out_channels or in_channels
         self.output = nn.Sequential(
-            group_norm(channels), nn.SiLU(), zero_init(Conv2d(channels, out_channels or in_channels, 3, padding=1))
+            group_norm(channels), nn.SiLU(), zero_init(Conv2d(channels, output_channels, 3, padding=1))
         )
 
     def embed(self, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

@@ -37,6 +37,7 @@ from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 
 LR_SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "cpu")
+TIMESTEP_SAMPLERS = ("uniform", "loss-aware")  # ddpm/training/timestep_sampler.py
 # Upper limits of the sizes, far above any useful value, so that a typo is one line, not an allocation
 # of terabytes: U-Net width, width multiplier per level, residual blocks per level, diffusion steps.
 MAX_MODEL_CHANNELS, MAX_CHANNEL_MULT, MAX_RES_BLOCKS, MAX_T = 1024, 16, 16, 100_000
@@ -206,6 +207,12 @@ class TrainingSettings(Settings):
         None, "min-SNR loss weight gamma, e.g. 5 (default None: plain MSE)", positive_float
     )
     p_uncond: float = setting(0.1, "label dropout for classifier-free guidance, in [0, 1)", fraction)
+    timestep_sampler: str = setting(
+        "uniform",
+        "how t is drawn: uniform (Algorithm 1), or loss-aware, p_t ~ sqrt(E[L_t^2]) over the last 10 losses "
+        "of each t with losses weighted by 1/(T p_t) (Nichol & Dhariwal section 3.3)",
+        choices=TIMESTEP_SAMPLERS,
+    )
     max_steps: int | None = setting(None, "also stop after this many steps", positive_int)
     max_minutes: float | None = setting(
         None, "also stop after this many minutes of training steps (the LR decays over them)", positive_float
@@ -232,9 +239,11 @@ class SamplerChoice(Settings):
     """The sampling flags SamplingSettings and GuidedSamplingSettings share: sampler, steps, eta."""
 
     TITLE = "sampling (diffusion.py)"
-    sampler: str = setting("ddim", "reverse process: ddpm (all T steps), ddim or dpm++2m", choices=SAMPLERS)
+    sampler: str = setting(
+        "ddim", "reverse process: ddpm (all T steps, or respaced to --steps), ddim, dpm++2m", choices=SAMPLERS
+    )
     steps: int | None = setting(
-        None, "model evaluations from t down to 0 (default: min(50, t+1); ddpm always t+1)", positive_int
+        None, "model evaluations from t down to 0 (default: min(50, t+1); ddpm: t+1)", positive_int
     )
     eta: float = setting(0.0, "DDIM eta (0: deterministic, 1: DDPM's posterior variance)", non_negative_float)
 

@@ -1,8 +1,9 @@
 """The training loop: Algorithm 1 step after step, epoch after epoch, until a stop rule; epoch ends save.
 
 Each step is Algorithm 1 of Ho et al. 2020 (arXiv:2006.11239) through
-`GaussianDiffusion.training_loss`, then gradient clipping, AdamW (Loshchilov & Hutter 2019,
-arXiv:1711.05101) at an LR with a linear warm-up then SGDR's cosine decay without restarts
+`GaussianDiffusion.training_losses` (L_hybrid of Nichol & Dhariwal 2021 with --learn-sigma) at the
+timesteps of --timestep-sampler (timestep_sampler.py), then gradient clipping, AdamW (Loshchilov &
+Hutter 2019, arXiv:1711.05101) at an LR with a linear warm-up then SGDR's cosine decay without restarts
 (arXiv:1608.03983), and the EMA of the weights (state.WarmupEMA); class-conditional models drop labels
 for classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598). The cosine reaches 0 at the end
 of the epochs or of the time budget, whichever is nearer. Epoch e's batches are a permutation seeded
@@ -42,6 +43,7 @@ from ddpm.sampling import balanced_labels
 from ddpm.training.clocks import BudgetClock, StopSignals
 from ddpm.training.processes import Processes
 from ddpm.training.state import TrainingState, capture_rng_states
+from ddpm.training.timestep_sampler import sampled_training_loss
 from ddpm.training.training_log import TrainingDiverged, TrainingLog
 from ddpm.visualisation.pictures import save_image_grid
 from diffusion import GaussianDiffusion
@@ -146,9 +148,10 @@ class Run:
         class_cond = self.job.model.class_cond
         labels = drop_labels(self.data.labels[indices], training.p_uncond) if class_cond else None
         with autocast_context(self.plan.amp, self.processes.device):
-            loss = self.diffusion.training_loss(
-                self.network, x0, labels, min_snr_gamma=training.min_snr_gamma
-            )
+            loss = sampled_training_loss(
+                self.diffusion, self.network, state.timestep_sampler, x0, labels, training.min_snr_gamma,
+                self.processes,
+            )  # fmt: skip
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
         state.scaler.unscale_(state.optimizer)
