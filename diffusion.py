@@ -373,11 +373,11 @@ class GaussianDiffusion(nn.Module):
         if clip_x0:
             pred_x0 = pred_x0.clamp(-1, 1)
         mean = posterior.mean_coef1 * pred_x0 + posterior.mean_coef2 * x_t  # eq. 7
-        if variance_output is None:
-            log_variance = posterior.log_variance_clipped
+        if variance_output is None:  # beta_tilde (0 at t = 0; its log the clipped one)
+            variance, log_variance = posterior.variance, posterior.log_variance_clipped
         else:
             log_variance = self.learned_log_variance(variance_output, posterior)
-        variance = log_variance.exp()
+            variance = log_variance.exp()
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0}
 
     def vb_terms_bpd(
