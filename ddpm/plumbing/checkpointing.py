@@ -193,7 +193,7 @@ def build_model(config: dict[str, Any]) -> UNet:
     before it existed: its U-Net adds the embedding before the norm; one without learn_sigma, before
     that: its U-Net outputs C channels (a fixed variance)."""
     channels, height, _ = image_shape(config)
-    learn_sigma = config["diffusion"].get("learn_sigma", False)
+    learn_sigma = config.get("diffusion", {}).get("learn_sigma", False)
     model_config = {
         "in_channels": channels,
         "image_size": height,
