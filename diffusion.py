@@ -3,10 +3,11 @@
 Follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (arXiv:2006.11239), with the
 cosine schedule of Nichol & Dhariwal 2021 (arXiv:2102.09672), DDIM of Song et al. 2021
 (arXiv:2010.02502), v-prediction of Salimans & Ho 2022 (arXiv:2202.00512), min-SNR weighting of
-Hang et al. 2023 (arXiv:2303.09556), DPM-Solver++ of Lu et al. 2022 (arXiv:2211.01095), the Heun
-sampler of Karras et al. 2022 (arXiv:2206.00364), classifier-free guidance of Ho & Salimans 2022
-(arXiv:2207.12598), and two edits of real images: DDIM inversion (Song et al., section 4.3) and
-RePaint inpainting (Lugmayr et al. 2022, arXiv:2201.09865).
+Hang et al. 2023 (arXiv:2303.09556), the learned variance and hybrid loss of Nichol & Dhariwal
+(eq. 15, section 3.1) with their respaced sampling in fewer steps (section 4), DPM-Solver++ of Lu et
+al. 2022 (arXiv:2211.01095), the Heun sampler of Karras et al. 2022 (arXiv:2206.00364),
+classifier-free guidance of Ho & Salimans 2022 (arXiv:2207.12598), and two edits of real images:
+DDIM inversion (Song et al., section 4.3) and RePaint inpainting (Lugmayr et al. 2022, arXiv:2201.09865).
 
 Timestep convention (one for the whole repo): t is an integer index in {0, ..., T-1}, and index t
 is the paper's step t+1. So `betas[0]` is the paper's beta_1, `alphas_cumprod[t]` is alpha_bar_{t+1},
@@ -45,6 +46,10 @@ COSINE_OFFSET = 0.008  # s in Nichol & Dhariwal eq. 17
 MAX_BETA = 0.999  # clip of the cosine betas (Nichol & Dhariwal, section 3.2)
 LINEAR_BETA_START, LINEAR_BETA_END = 1e-4, 0.02  # Ho et al. section 4, scaled for T = 1000
 COSINE_SOLVER_END = 0.9946  # DPM-Solver's end time for the cosine schedule, as a fraction of T
+VLB_WEIGHT = 0.001  # lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal, section 3.1)
+BIN_HALF_WIDTH = 1 / 255  # 8-bit values on [-1, 1] sit 2/255 apart (the decoder's bins, eq. 13)
+EDGE = 0.999  # pixels beyond +-EDGE are in the end bins (-1 and 1), open to -inf and +inf
+MIN_PROBABILITY = 1e-12  # floor of a bin's probability before the log
 
 
 def cosine_alphas_cumprod(T: int) -> np.ndarray:
@@ -70,6 +75,47 @@ def extract(values: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.T
     return values[t].reshape(t.shape[0], *([1] * (len(shape) - 1)))
 
 
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) element-wise, in nats (arguments broadcast)."""
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
+    """log P(bin of x) element-wise under N(means, e^(2 log_scales)) cut into 256 bins (Ho et al. eq. 13).
+
+    x: 8-bit values on [-1, 1] (k / 127.5 - 1); the bin of x is [x - 1/255, x + 1/255], except the
+    end bins (-inf, -1 + 1/255] and [1 - 1/255, inf), so the 256 probabilities sum to 1.
+    """
+    inverse_scale = torch.exp(-log_scales)
+    upper = inverse_scale * (x - means + BIN_HALF_WIDTH)
+    lower = inverse_scale * (x - means - BIN_HALF_WIDTH)
+    log_below_upper = torch.special.log_ndtr(upper)  # log Phi(upper): the bottom bin
+    log_above_lower = torch.special.log_ndtr(-lower)  # log (1 - Phi(lower)): the top bin
+    inside = (torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=MIN_PROBABILITY).log()
+    return torch.where(x < -EDGE, log_below_upper, torch.where(x > EDGE, log_above_lower, inside))
+
+
+def mean_bits(nats: torch.Tensor) -> torch.Tensor:
+    """[B, ...] nats -> [B] bits per dimension (mean over all but the batch axis, / log 2)."""
+    return nats.flatten(1).mean(dim=1) / math.log(2.0)
+
+
+class Posterior(NamedTuple):
+    """q(x_{t'} | x_t, x_0) for a step down from t to t' < t, and the betas of that step; each field
+    [B, 1, 1, 1]. One step (t' = t - 1): eqs. 6-7. A respaced step (improved-diffusion's respace.py):
+    the same formulas with beta = 1 - alpha_bar_t / alpha_bar_t'."""
+
+    mean_coef1: torch.Tensor  # mu_tilde = mean_coef1 x_0 + mean_coef2 x_t (eq. 7)
+    mean_coef2: torch.Tensor
+    variance: torch.Tensor  # beta_tilde (eq. 7), 0 at the last step
+    log_variance_clipped: torch.Tensor  # log beta_tilde, at the last step that of the step above it
+    log_beta: torch.Tensor  # log beta: the upper end of the learned variance (Nichol & Dhariwal eq. 15)
+
+
 class SamplerStep(NamedTuple):
     """One step of a sampler: at timestep t the chain is at x_t and the model predicts pred_x0.
 
@@ -84,8 +130,13 @@ class SamplerStep(NamedTuple):
 class GaussianDiffusion(nn.Module):
     """The forward process q and the learned reverse process p of DDPM, for a given noise schedule.
 
-    Holds no trainable weights: only schedule buffers, rebuilt from (T, schedule, prediction). The
-    buffers move with `.to(device)` and are excluded from `state_dict()`.
+    Holds no trainable weights: only schedule buffers, rebuilt from (T, schedule, prediction,
+    learn_sigma). The buffers move with `.to(device)` and are excluded from `state_dict()`.
+
+    learn_sigma (Nichol & Dhariwal 2021, section 3.1): the network outputs 2C channels, its eps (or v)
+    prediction and then the v of eq. 15, the reverse variance Sigma = exp(v log beta + (1 - v) log
+    beta_tilde) with v = (output + 1) / 2 per dimension, trained by L_hybrid; without it Sigma =
+    beta_tilde (Ho et al.'s fixed choice).
     """
 
     # the schedule buffers, each [T] float32 (registered in __init__, named as in improved-diffusion)
@@ -98,14 +149,17 @@ class GaussianDiffusion(nn.Module):
     posterior_log_variance_clipped: torch.Tensor
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
+    log_betas: torch.Tensor
 
-    def __init__(self, T: int = 1000, schedule: str = "cosine", prediction: str = "eps"):
+    def __init__(
+        self, T: int = 1000, schedule: str = "cosine", prediction: str = "eps", learn_sigma: bool = False
+    ):
         super().__init__()
         if T < 2:
             raise ValueError(f"T must be at least 2, got {T}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}: choose one of {PREDICTIONS}")
-        self.T, self.schedule, self.prediction = T, schedule, prediction
+        self.T, self.schedule, self.prediction, self.learn_sigma = T, schedule, prediction, learn_sigma
         betas = make_betas(schedule, T)
         alphas_cumprod = np.cumprod(1 - betas)  # alpha_bar_t = prod_s (1 - beta_s)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -125,14 +179,25 @@ class GaussianDiffusion(nn.Module):
             # eq. 7: mu_tilde = coef1 * x_0 + coef2 * x_t
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1 - alphas_cumprod),
             "posterior_mean_coef2": (1 - alphas_cumprod_prev) * np.sqrt(1 - betas) / (1 - alphas_cumprod),
+            "log_betas": np.log(betas),  # the upper end of the learned log-variance (eq. 15)
         }
         for name, values in coefficients.items():
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32), persistent=False)
         self.alphas_cumprod_float64 = alphas_cumprod  # host copy for the samplers' scalar coefficients
 
     def config(self) -> dict:
-        """The plain-Python values that rebuild this process: GaussianDiffusion(**config)."""
-        return {"T": self.T, "schedule": self.schedule, "prediction": self.prediction}
+        """The plain-Python values that rebuild this process: GaussianDiffusion(**config). A config
+        without learn_sigma (older checkpoints) rebuilds a fixed-variance process."""
+        return {
+            "T": self.T,
+            "schedule": self.schedule,
+            "prediction": self.prediction,
+            "learn_sigma": self.learn_sigma,
+        }
+
+    def output_channels(self, image_channels: int) -> int:
+        """Channels the network outputs for images of image_channels: C, or 2C with learn_sigma."""
+        return 2 * image_channels if self.learn_sigma else image_channels
 
     # ----- forward process -----------------------------------------------------------------------
 
@@ -155,6 +220,44 @@ class GaussianDiffusion(nn.Module):
             + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
         )
         return mean, extract(self.posterior_variance, t, x_t.shape)
+
+    def posterior(self, t: torch.Tensor, shape: torch.Size) -> Posterior:
+        """The Posterior of the one-step moves t -> t - 1 from the buffers (eqs. 6-7); t: [B]."""
+        return Posterior(
+            *(
+                extract(values, t, shape)
+                for values in (
+                    self.posterior_mean_coef1,
+                    self.posterior_mean_coef2,
+                    self.posterior_variance,
+                    self.posterior_log_variance_clipped,
+                    self.log_betas,
+                )
+            )
+        )
+
+    def respaced_posterior(self, t: int, t_prev: int, t_above: int | None, x_t: torch.Tensor) -> Posterior:
+        """The Posterior of the move t -> t_prev (t_prev < t; -1: to x_0) of a chain respaced to fewer
+        steps (improved-diffusion's respace.py): beta = 1 - alpha_bar_t / alpha_bar_t_prev, then eqs. 6-7
+        with it, in float64; each field [B, 1, 1, 1] like x_t. At the last move (t_prev = -1, where
+        beta_tilde = 0) the clipped log-variance is the beta_tilde of the move t_above -> t above it
+        (beta's when the chain has that one move only: no noise is drawn there)."""
+        beta, variance, coef1, coef2 = self._respaced_step(t, t_prev)
+        clipped = variance
+        if t_prev < 0:
+            clipped = beta if t_above is None else self._respaced_step(t_above, t)[1]
+        values = (coef1, coef2, variance, math.log(clipped), math.log(beta))
+        return Posterior(*(torch.full((x_t.shape[0], *[1] * (x_t.dim() - 1)), v).to(x_t) for v in values))
+
+    def _respaced_step(self, t: int, t_prev: int) -> tuple[float, float, float, float]:
+        """(beta, beta_tilde, mean_coef1, mean_coef2) of the move t -> t_prev (eq. 7 with
+        beta = 1 - alpha_bar_t / alpha_bar_t_prev, alpha_bar = 1 at t_prev = -1), in float64."""
+        alpha_bar, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        beta = 1 - alpha_bar / alpha_bar_prev
+        variance = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
+        coef1 = beta * math.sqrt(alpha_bar_prev) / (1 - alpha_bar)
+        coef2 = (1 - alpha_bar_prev) * math.sqrt(1 - beta) / (1 - alpha_bar)
+        return beta, variance, coef1, coef2
 
     # ----- what the network predicts ------------------------------------------------------------
 
@@ -192,14 +295,47 @@ class GaussianDiffusion(nn.Module):
         """The network's prediction, mixed with the null-label one for classifier-free guidance.
 
         guided = uncond + guidance * (cond - uncond) (Ho & Salimans eq. 6 with w = guidance - 1);
-        guidance = 1 is the plain conditional model. The null label is `model.num_classes`.
+        guidance = 1 is the plain conditional model. The null label is `model.num_classes`. With
+        learn_sigma only the eps (or v) half; model_prediction gives both.
         """
+        return self.model_prediction(model, x_t, t, labels, guidance)[0]
+
+    def model_prediction(
+        self,
+        model: nn.Module,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        guidance: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(eps or v, guided as in model_output; the variance output of eq. 15 or None), each
+        [B, C, H, W]. Guidance mixes only the eps (or v) half: the variance is the conditional one's."""
         if labels is None or guidance == 1.0:
-            return model(x_t, t, labels)
+            return self.split_output(model(x_t, t, labels))
         null_labels = torch.full_like(labels, cast(int, model.num_classes))  # the U-Net's null label
         both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null_labels]))
         conditional, unconditional = both.chunk(2)
-        return unconditional + guidance * (conditional - unconditional)
+        (prediction, variance_output), (null_prediction, _) = (
+            self.split_output(conditional),
+            self.split_output(unconditional),
+        )
+        return null_prediction + guidance * (prediction - null_prediction), variance_output
+
+    def split_output(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's output [B, C or 2C, H, W] as (eps or v [B, C, H, W], the raw variance output
+        [B, C, H, W], or None without learn_sigma)."""
+        if not self.learn_sigma:
+            return output, None
+        prediction, variance_output = output.chunk(2, dim=1)
+        return prediction, variance_output
+
+    @staticmethod
+    def learned_log_variance(variance_output: torch.Tensor, posterior: Posterior) -> torch.Tensor:
+        """Nichol & Dhariwal eq. 15: log Sigma = v log beta + (1 - v) log beta_tilde, with the network's
+        raw output mapped to v = (output + 1) / 2 (improved-diffusion); beta_tilde's log is the clipped
+        one. variance_output: [B, C, H, W] -> [B, C, H, W]."""
+        v = (variance_output + 1) / 2
+        return v * posterior.log_beta + (1 - v) * posterior.log_variance_clipped
 
     # ----- reverse process ----------------------------------------------------------------------
 
@@ -211,18 +347,52 @@ class GaussianDiffusion(nn.Module):
         labels: torch.Tensor | None = None,
         guidance: float = 1.0,
         clip_x0: bool = True,
+        posterior: Posterior | None = None,
     ) -> dict[str, torch.Tensor]:
-        """p(x_{t-1} | x_t) = N(mu_tilde(x_t, x0_hat), beta_tilde_t) (eq. 11 through eq. 7).
+        """p(x_{t-1} | x_t) = N(mu_tilde(x_t, x0_hat), Sigma) (eq. 11 through eq. 7), Sigma = beta_tilde_t
+        or, with learn_sigma, Nichol & Dhariwal's eq. 15.
 
-        x0_hat is clipped to [-1, 1] (the data range) when clip_x0. Returns mean, variance,
-        log_variance and pred_x0, each [B, C, H, W] (variances [B, 1, 1, 1]).
+        x0_hat is clipped to [-1, 1] (the data range) when clip_x0. posterior: the move's Posterior
+        (default the one step t -> t - 1; respaced_posterior for a respaced chain). Returns mean,
+        variance, log_variance and pred_x0, each [B, C, H, W] (fixed variances [B, 1, 1, 1]).
         """
-        pred_x0 = self.predict_x0(x_t, t, self.model_output(model, x_t, t, labels, guidance))
+        prediction, variance_output = self.model_prediction(model, x_t, t, labels, guidance)
+        return self.p_from_output(x_t, t, prediction, variance_output, clip_x0, posterior)
+
+    def p_from_output(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        prediction: torch.Tensor,
+        variance_output: torch.Tensor | None,
+        clip_x0: bool = True,
+        posterior: Posterior | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """p_mean_variance for a given network output: prediction (eps or v) and variance_output (or
+        None), each [B, C, H, W]."""
+        posterior = self.posterior(t, x_t.shape) if posterior is None else posterior
+        pred_x0 = self.predict_x0(x_t, t, prediction)
         if clip_x0:
             pred_x0 = pred_x0.clamp(-1, 1)
-        mean, variance = self.q_posterior(pred_x0, x_t, t)
-        log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        mean = posterior.mean_coef1 * pred_x0 + posterior.mean_coef2 * x_t  # eq. 7
+        if variance_output is None:  # beta_tilde (0 at t = 0; its log the clipped one)
+            variance, log_variance = posterior.variance, posterior.log_variance_clipped
+        else:
+            log_variance = self.learned_log_variance(variance_output, posterior)
+            variance = log_variance.exp()
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0}
+
+    def vb_terms_bpd(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, p: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """One term of the variational bound (Ho et al. eq. 5) in bits/dim [B] for p = p_mean_variance's
+        output at x_t [B, C, H, W] (t [B]): L_t = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) where
+        t > 0, the discretized decoder's -log p(x_0 | x_1) (eq. 13) where t = 0. x0: 8-bit values."""
+        true_mean, _ = self.q_posterior(x0, x_t, t)  # eqs. 6-7
+        true_log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        kl = mean_bits(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"]))
+        decoder = -mean_bits(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"]))
+        return torch.where(t == 0, decoder, kl)
 
     def _reverse_step(
         self,
@@ -233,26 +403,25 @@ class GaussianDiffusion(nn.Module):
         labels: torch.Tensor | None = None,
         guidance: float = 1.0,
         clip_x0: bool = True,
+        t_prev: int | None = None,
+        t_above: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ancestral step x_t -> x_{t-1} (Algorithm 2, line 4); returns (x_{t-1}, pred_x0).
+        """One ancestral step x_t -> x_{t_prev} (Algorithm 2, line 4); returns (x_{t_prev}, pred_x0).
 
-        The noise uses the posterior variance beta_tilde (zero at t = 0, where x_{t-1} = x0_hat).
+        t_prev: t - 1 (default, the trained chain) or lower (a respaced chain: respaced_posterior, with
+        t_above the chain's step above t, None at its top). The noise uses the reverse variance Sigma
+        (beta_tilde, or the learned one); none at t = 0, where x_{t_prev} = x0_hat.
         """
+        t_prev = t - 1 if t_prev is None else t_prev
         batch_t = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        out = self.p_mean_variance(model, x_t, batch_t, labels, guidance, clip_x0)
-        if t == 0:
+        posterior = None if t_prev == t - 1 else self.respaced_posterior(t, t_prev, t_above, x_t)
+        out = self.p_mean_variance(model, x_t, batch_t, labels, guidance, clip_x0, posterior)
+        if t_prev < 0:
             return out["mean"], out["pred_x0"]
         noise = _randn_like(x_t, generator)
         return out["mean"] + torch.exp(0.5 * out["log_variance"]) * noise, out["pred_x0"]
 
     # ----- training -----------------------------------------------------------------------------
-
-    def training_draws(
-        self, x0: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Algorithm 1's random draws for the batch x0 [B, C, H, W]: t ~ U{0..T-1} [B], eps ~ N(0, I)."""
-        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
-        return t, _randn_like(x0, generator)
 
     def training_loss(
         self,
@@ -261,44 +430,73 @@ class GaussianDiffusion(nn.Module):
         labels: torch.Tensor | None = None,
         min_snr_gamma: float | None = None,
         generator: torch.Generator | None = None,
-        draws: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), MSE between the network and its target.
+        """Algorithm 1: t ~ U{0..T-1}, then the batch mean of training_losses."""
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device, generator=generator)
+        return self.training_losses(model, x0, t, labels, min_snr_gamma, generator).mean()
 
-        With min_snr_gamma, each example is weighted by min(SNR_t, gamma) / SNR_t for eps, or
+    def training_losses(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        min_snr_gamma: float | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of each example [B] of x0 [B, C, H, W] at its timestep t [B]: eps ~ N(0, I), the MSE
+        between the network and its target (L_simple, Algorithm 1), and with learn_sigma
+        L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal, section 3.1; hybrid_vb_term).
+
+        With min_snr_gamma, L_simple is weighted by min(SNR_t, gamma) / SNR_t for eps, or
         min(SNR_t, gamma) / (SNR_t + 1) for v (Hang et al. eq. 9), SNR_t = alpha_bar / (1 - alpha_bar).
-        draws: (t [B], eps like x0) drawn beforehand by training_draws (a micro-batch's share of a
-        batch's), else drawn here.
+        noise: eps drawn beforehand (a micro-batch's share of its batch's: loop.py), else drawn here.
         """
-        t, noise = self.training_draws(x0, generator) if draws is None else draws
-        prediction = model(self.q_sample(x0, t, noise), t, labels)
+        noise = _randn_like(x0, generator) if noise is None else noise
+        x_t = self.q_sample(x0, t, noise)
+        prediction, variance_output = self.split_output(model(x_t, t, labels).float())
         target = self.training_target(x0, t, noise)
-        per_example = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        if min_snr_gamma is None:
-            return per_example.mean()
-        snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
-        clipped = snr.clamp(max=min_snr_gamma)
-        weight = clipped / snr if self.prediction == "eps" else clipped / (snr + 1)
-        return (weight * per_example).mean()
+        per_example = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        if min_snr_gamma is not None:
+            snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+            clipped = snr.clamp(max=min_snr_gamma)
+            per_example = per_example * (clipped / snr if self.prediction == "eps" else clipped / (snr + 1))
+        if variance_output is None:
+            return per_example
+        return per_example + self.hybrid_vb_term(x0, x_t, t, prediction, variance_output)
+
+    def hybrid_vb_term(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        prediction: torch.Tensor,
+        variance_output: torch.Tensor,
+    ) -> torch.Tensor:
+        """lambda L_vlb of L_hybrid per example [B]: L_vlb = sum_t L_t = T E_t[L_t], so lambda T L_t in
+        bits/dim (vb_terms_bpd), with a stop-gradient on the mean (prediction detached: L_vlb trains
+        only the variance) and x0_hat unclipped, as improved-diffusion's training_losses."""
+        p = self.p_from_output(x_t, t, prediction.detach(), variance_output, clip_x0=False)
+        return VLB_WEIGHT * self.T * self.vb_terms_bpd(x0, x_t, t, p)
 
     # ----- sampling -----------------------------------------------------------------------------
 
     def timesteps(self, sampler: str, steps: int | None, start_t: int) -> list[int]:
         """The timesteps a sampler evaluates the model at, from start_t down to 0.
 
-        DDPM visits every step. DDIM visits `steps` evenly spaced ones that start at start_t and end
-        at 0 (start_t = 999, 10 steps: 999, 888, ..., 111, 0). DPM-Solver++ spaces them evenly in
-        lambda = log(alpha / sigma) (see _log_snr_uniform_timesteps). Heun lists its evaluations (see
-        _heun_timesteps): a level appears twice where a Heun step lands on it. The list's length is
-        always the number of model evaluations.
+        DDPM visits every step by default; with fewer `steps` it visits DDIM's, respaced as in
+        improved-diffusion (see respaced_posterior). DDIM visits `steps` evenly spaced ones that start
+        at start_t and end at 0 (start_t = 999, 10 steps: 999, 888, ..., 111, 0). DPM-Solver++ spaces
+        them evenly in lambda = log(alpha / sigma) (see _log_snr_uniform_timesteps). Heun lists its
+        evaluations (see _heun_timesteps): a level appears twice where a Heun step lands on it. The
+        list's length is always the number of model evaluations.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: choose one of {SAMPLERS}")
         if not 0 <= start_t < self.T:
             raise ValueError(f"t must be in [0, {self.T - 1}], got {start_t}")
-        if sampler == "ddpm":
-            if steps is not None and steps != start_t + 1:
-                raise ValueError(f"ddpm runs every step ({start_t + 1} here); use ddim for fewer")
+        if sampler == "ddpm" and steps in (None, start_t + 1):
             return list(range(start_t, -1, -1))
         steps = min(DEFAULT_FAST_STEPS, start_t + 1) if steps is None else steps
         fewest, most = self._heun_step_range(start_t) if sampler == "heun" else (1, start_t + 1)
@@ -308,7 +506,7 @@ class GaussianDiffusion(nn.Module):
             return self._heun_timesteps(steps, start_t)
         if steps == 1:
             return [start_t]
-        if sampler == "ddim":
+        if sampler in ("ddim", "ddpm"):
             return [int(round(s)) for s in np.linspace(start_t, 0, steps)]
         return self._log_snr_uniform_timesteps(steps, start_t)
 
@@ -404,8 +602,10 @@ class GaussianDiffusion(nn.Module):
         """Run the reverse process, yielding a SamplerStep at each model evaluation, then the result.
 
         Starts from x_start at start_t (default: n images of pure noise [n, *image_shape] at t = T-1).
-        Samplers: "ddpm" (Algorithm 2), "ddim" (DDIM eq. 12 with eta), "dpm++2m" (DPM-Solver++(2M))
-        and "heun" (Karras et al. Algorithm 1, or Algorithm 2 with S_churn = s_churn > 0).
+        Samplers: "ddpm" (Algorithm 2; with fewer steps than t + 1, respaced as Nichol & Dhariwal
+        section 4), "ddim" (DDIM eq. 12 with eta), "dpm++2m" (DPM-Solver++(2M)) and "heun" (Karras et
+        al. Algorithm 1, or Algorithm 2 with S_churn = s_churn > 0). DDPM and DDIM with eta > 0 draw
+        their noise with the reverse variance, the learned one with learn_sigma.
         """
         start_t = self.T - 1 if start_t is None else start_t
         timesteps = self.timesteps(sampler, steps, start_t)
@@ -423,12 +623,19 @@ class GaussianDiffusion(nn.Module):
         previous_x0 = None
         for index, t in enumerate(timesteps):
             t_prev = timesteps[index + 1] if index + 1 < len(timesteps) else -1
+            t_above = timesteps[index - 1] if index > 0 else None
             if sampler == "ddpm":
-                x_prev, pred_x0 = self._reverse_step(model, x_t, t, generator, labels, guidance, clip_x0)
+                x_prev, pred_x0 = self._reverse_step(
+                    model, x_t, t, generator, labels, guidance, clip_x0, t_prev, t_above
+                )
             else:
-                pred_x0 = self._predict_x0_at(model, x_t, t, labels, guidance, clip_x0)
+                pred_x0, variance_output = self._prediction_at(model, x_t, t, labels, guidance, clip_x0)
                 if sampler == "ddim":
-                    x_prev = self._ddim_update(x_t, pred_x0, t, t_prev, eta, generator)
+                    variance = None
+                    if variance_output is not None and eta > 0 and t_prev >= 0:
+                        posterior = self.respaced_posterior(t, t_prev, t_above, x_t)
+                        variance = self.learned_log_variance(variance_output, posterior).exp()
+                    x_prev = self._ddim_update(x_t, pred_x0, t, t_prev, eta, generator, variance)
                 else:
                     x_prev = self._dpm_solver_update(x_t, pred_x0, previous_x0, timesteps, index)
             yield SamplerStep(t, x_t, pred_x0)
@@ -456,21 +663,37 @@ class GaussianDiffusion(nn.Module):
         return self.sample_progressive(model, x_start=x_t, start_t=t, generator=generator, **kwargs)
 
     def _predict_x0_at(self, model, x_t, t, labels, guidance, clip_x0) -> torch.Tensor:
+        return self._prediction_at(model, x_t, t, labels, guidance, clip_x0)[0]
+
+    def _prediction_at(
+        self, model, x_t, t: int, labels, guidance, clip_x0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x0_hat, the variance output or None) of one evaluation at timestep t for the whole batch."""
         batch_t = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        pred_x0 = self.predict_x0(x_t, batch_t, self.model_output(model, x_t, batch_t, labels, guidance))
-        return pred_x0.clamp(-1, 1) if clip_x0 else pred_x0
+        prediction, variance_output = self.model_prediction(model, x_t, batch_t, labels, guidance)
+        pred_x0 = self.predict_x0(x_t, batch_t, prediction)
+        return (pred_x0.clamp(-1, 1) if clip_x0 else pred_x0), variance_output
 
     def _alpha_bar(self, t: int) -> float:
         """alpha_bar at index t as a Python float, with alpha_bar = 1 at the clean end t = -1."""
         return 1.0 if t < 0 else float(self.alphas_cumprod_float64[t])
 
-    def _ddim_update(self, x_t, pred_x0, t: int, t_prev: int, eta: float, generator) -> torch.Tensor:
+    def _ddim_update(
+        self, x_t, pred_x0, t: int, t_prev: int, eta: float, generator, variance=None
+    ) -> torch.Tensor:
         """DDIM eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z.
 
-        sigma = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev) (DDIM eq. 16).
+        sigma = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev) (DDIM eq. 16): eta times
+        the square root of beta_tilde of the move t -> t_prev, or of `variance` [B, C, H, W] where given
+        (a learned Sigma of that move, Nichol & Dhariwal eq. 15).
         """
         alpha_bar, alpha_bar_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
         eps = (x_t - math.sqrt(alpha_bar) * pred_x0) / math.sqrt(1 - alpha_bar)
+        if variance is not None:
+            sigma_learned = eta * variance.sqrt()
+            direction = (1 - alpha_bar_prev - sigma_learned**2).clamp(min=0).sqrt()
+            noise = _randn_like(x_t, generator)
+            return math.sqrt(alpha_bar_prev) * pred_x0 + direction * eps + sigma_learned * noise
         sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
         x_prev = (
             math.sqrt(alpha_bar_prev) * pred_x0 + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps

@@ -9,6 +9,7 @@ rounding up (20 -> 10 -> 5 -> 3) and each upsampling returns to its skip connect
 Example:
     model = UNet(model_channels=64, channel_mult=(1, 2, 2))
     eps_hat = model(x_t, t)          # x_t: [B, 1, 28, 28], t: [B] long -> [B, 1, 28, 28]
+    # out_channels=2 for a learned variance (Nichol & Dhariwal eq. 15): [B, 1, 28, 28] -> [B, 2, 28, 28]
 """
 
 from __future__ import annotations
@@ -188,13 +189,15 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net eps/v predictor: [B, in_channels, H, W], t [B] (, labels [B]) -> [B, in_channels, H, W].
+    """U-Net eps/v predictor: [B, in_channels, H, W], t [B] (, labels [B]) -> [B, out_channels, H, W].
 
     channel_mult gives the width of each resolution level as a multiple of model_channels;
     attention_resolutions lists the feature-map heights (28, 14, 7, 4 for image_size 28) that get
     self-attention.
     With num_classes = K the labels 0..K-1 are embedded, and label K is the null label.
     scale_shift_norm: how the residual blocks take the embedding (see ResidualBlock).
+    out_channels: in_channels by default; 2 x in_channels when the diffusion learns the variance
+    (GaussianDiffusion.output_channels).
     """
 
     def __init__(
@@ -208,6 +211,7 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         image_size: int = 28,
         scale_shift_norm: bool = True,
+        out_channels: int | None = None,
     ):
         super().__init__()
         self.model_channels, self.num_classes = model_channels, num_classes
@@ -253,8 +257,9 @@ class UNet(nn.Module):
             if level > 0:
                 self.upsamples.append(Upsample(channels))
 
+        output_channels = out_channels or in_channels
         self.output = nn.Sequential(
-            group_norm(channels), nn.SiLU(), zero_init(Conv2d(channels, in_channels, 3, padding=1))
+            group_norm(channels), nn.SiLU(), zero_init(Conv2d(channels, output_channels, 3, padding=1))
         )
 
     def embed(self, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

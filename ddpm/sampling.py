@@ -8,7 +8,8 @@ SSIM on the [0, 1] scale). `check_sampling` is the one validation of sampler fla
 its run over every start t of a sweep.
 
 Timesteps as in diffusion.py: t in {0..T-1}. Reconstruction from t with DDPM makes t+1 model
-evaluations; DDIM and DPM-Solver++ make min(--steps, t+1) (default min(50, t+1)).
+evaluations (min(--steps, t+1) respaced, when --steps is given); DDIM and DPM-Solver++ make
+min(--steps, t+1) (default min(50, t+1)).
 
 Example:
     samples, labels = generate_samples(model, diffusion, 1000, sampling=SamplingSettings(), seed=0,
@@ -90,8 +91,9 @@ def sweep_timesteps(requested: tuple[int, ...] | None, T: int, flag: str = "--re
 
 
 def steps_from(sampling: SamplingSettings, t: int) -> int | None:
-    """Model evaluations of a reconstruction from t: DDPM all t+1 (None), others min(--steps, t+1)."""
-    if sampling.sampler == "ddpm" or sampling.steps is None:
+    """Model evaluations of a reconstruction from t: min(--steps, t+1), or the sampler's default (None:
+    DDPM all t+1, the others min(50, t+1))."""
+    if sampling.steps is None:
         return None
     return min(sampling.steps, t + 1)
 

@@ -86,7 +86,8 @@ def test_timestep_convention_index_t_is_paper_step_t_plus_1():
 
 
 @pytest.mark.parametrize(
-    ("sampler", "steps", "start_t"), [("ddim", 0, 999), ("ddim", 1001, 999), ("ddim", 5, 3), ("ddpm", 5, 999)]
+    ("sampler", "steps", "start_t"),
+    [("ddim", 0, 999), ("ddim", 1001, 999), ("ddim", 5, 3), ("ddpm", 1001, 999), ("ddpm", 5, 3)],
 )
 def test_timesteps_rejects_impossible_requests(sampler, steps, start_t):
     with pytest.raises(ValueError):

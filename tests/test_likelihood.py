@@ -19,7 +19,7 @@ from torch import nn
 
 from ddpm.datasets.sources import to_model_range
 from ddpm.evaluation import likelihood
-from diffusion import GaussianDiffusion, extract, make_betas
+from diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood, extract, make_betas
 
 T = 100
 DATA_MEAN, DATA_STD = 0.1, 0.3  # of the Gaussian data, on [-1, 1]
@@ -82,7 +82,7 @@ def test_decoder_bin_probabilities_sum_to_one():
     generator = torch.Generator().manual_seed(0)
     means = torch.rand(20, 1, dtype=torch.float64, generator=generator) * 2.4 - 1.2
     log_scales = torch.rand(20, 1, dtype=torch.float64, generator=generator) * math.log(100) + math.log(0.005)
-    probabilities = likelihood.discretized_gaussian_log_likelihood(bins[None], means, log_scales).exp()
+    probabilities = discretized_gaussian_log_likelihood(bins[None], means, log_scales).exp()
     assert probabilities.sum(dim=1) == pytest.approx(torch.ones(20, dtype=torch.float64), abs=1e-9)
 
 

@@ -228,14 +228,14 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_last_checkpoint(
     """A NaN loss at step 4 stops the run with exit code 2 and one line naming step 4, although the
     log only syncs at steps 3 and 6. The epoch-1 checkpoints (step 3) stay; epoch 2 (step 6) is
     never saved."""
-    original_loss, calls = GaussianDiffusion.training_loss, []
+    original_losses, calls = GaussianDiffusion.training_losses, []
 
     def loss_that_turns_nan(self, *args, **kwargs):
         calls.append(1)
-        loss = original_loss(self, *args, **kwargs)
-        return loss * float("nan") if len(calls) == 4 else loss
+        losses = original_losses(self, *args, **kwargs)
+        return losses * float("nan") if len(calls) == 4 else losses
 
-    monkeypatch.setattr(GaussianDiffusion, "training_loss", loss_that_turns_nan)
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", loss_that_turns_nan)
     argv = tiny_argv(tiny_train_data, tmp_path, "--epochs", "3", "--log-every", "3", "--save-every", "1")
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv))

@@ -11,16 +11,17 @@ In diffusion.py's index convention (index t is the paper's step t+1) the KL term
 index, drawn in the order T-1, ..., 0), averaged over the C*H*W dimensions and divided by log 2:
 bits/dim. The sum bounds -log2 p(x_0) / (C*H*W) from above, per image.
 
-p_theta: the networks here predict eps or v and have no learned variance, so p_theta(x_{t-1} | x_t)
-= N(mu_tilde(x_t, x0_hat), sigma_t^2 I) with sigma_t^2 = beta_tilde_t, the posterior variance (one
-of Ho et al.'s two choices, section 3.2), and x0_hat clipped to [-1, 1]: the very distribution the
-DDPM sampler draws from (GaussianDiffusion.p_mean_variance). At index 0, where beta_tilde = 0, the
-decoder's variance is beta_tilde at index 1 (the clipped log-variance, as improved-diffusion does).
-The network runs in float32 (no autocast), so that the bound is not rounded by bf16.
+p_theta(x_{t-1} | x_t) = N(mu_tilde(x_t, x0_hat), Sigma) with x0_hat clipped to [-1, 1]: the very
+distribution the DDPM sampler draws from (GaussianDiffusion.p_mean_variance). Sigma is the fixed
+sigma_t^2 = beta_tilde_t, the posterior variance (one of Ho et al.'s two choices, section 3.2), or for
+a model trained with --learn-sigma the learned one of Nichol & Dhariwal eq. 15, per dimension. At
+index 0, where beta_tilde = 0, the decoder's beta_tilde is that of index 1 (the clipped log-variance,
+as improved-diffusion does). The network runs in float32 (no autocast), so that the bound is not
+rounded by bf16. The terms themselves (GaussianDiffusion.vb_terms_bpd) are the ones L_hybrid trains.
 
 After improved-diffusion (Nichol & Dhariwal 2021, arXiv:2102.09672): gaussian_diffusion.py's
 `_vb_terms_bpd`, `_prior_bpd`, `calc_bpd_loop` and losses.py's `normal_kl`,
-`discretized_gaussian_log_likelihood` (here with the exact normal CDF, torch.special.log_ndtr).
+`discretized_gaussian_log_likelihood` (in diffusion.py, with the exact normal CDF, torch.special.log_ndtr).
 
 Example:
     bound = nll_bits_per_dim(model, diffusion, images, None, batch_size=100, seed=0, device=device)
@@ -36,43 +37,18 @@ from torch import nn
 from tqdm import tqdm
 
 from ddpm.evaluation.records import NllBound
-from diffusion import GaussianDiffusion, extract
+from diffusion import GaussianDiffusion, extract, mean_bits, normal_kl
 
-BIN_HALF_WIDTH = 1 / 255  # 8-bit values on [-1, 1] sit 2/255 apart
-EDGE = 0.999  # pixels beyond +-EDGE are in the end bins (-1 and 1), open to -inf and +inf
-MIN_PROBABILITY = 1e-12  # floor of a bin's probability before the log
-VARIANCE_CHOICE = (
-    "posterior beta_tilde (Ho et al. sigma_t^2 = beta_tilde_t); at index 0 beta_tilde of index 1"
+FIXED_VARIANCE = "posterior beta_tilde (Ho et al. sigma_t^2 = beta_tilde_t); at index 0 beta_tilde of index 1"
+LEARNED_VARIANCE = (
+    "learned (Nichol & Dhariwal eq. 15: exp(v log beta_t + (1 - v) log beta_tilde_t)); at index 0 "
+    "beta_tilde of index 1"
 )
 
 
-def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) element-wise, in nats (arguments broadcast)."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
-
-
-def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
-) -> torch.Tensor:
-    """log P(bin of x) element-wise under N(means, e^(2 log_scales)) cut into 256 bins (eq. 13).
-
-    x: 8-bit values on [-1, 1] (k / 127.5 - 1); the bin of x is [x - 1/255, x + 1/255], except the
-    end bins (-inf, -1 + 1/255] and [1 - 1/255, inf), so the 256 probabilities sum to 1.
-    """
-    inverse_scale = torch.exp(-log_scales)
-    upper = inverse_scale * (x - means + BIN_HALF_WIDTH)
-    lower = inverse_scale * (x - means - BIN_HALF_WIDTH)
-    log_below_upper = torch.special.log_ndtr(upper)  # log Phi(upper): the bottom bin
-    log_above_lower = torch.special.log_ndtr(-lower)  # log (1 - Phi(lower)): the top bin
-    inside = (torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=MIN_PROBABILITY).log()
-    return torch.where(x < -EDGE, log_below_upper, torch.where(x > EDGE, log_above_lower, inside))
-
-
-def mean_bits(nats: torch.Tensor) -> torch.Tensor:
-    """[B, ...] nats -> [B] bits per dimension (mean over all but the batch axis, / log 2)."""
-    return nats.flatten(1).mean(dim=1) / math.log(2.0)
+def variance_choice(diffusion: GaussianDiffusion) -> str:
+    """What the report says of the reverse variance the bound uses."""
+    return LEARNED_VARIANCE if diffusion.learn_sigma else FIXED_VARIANCE
 
 
 def buffer(schedule: torch.Tensor | nn.Module) -> torch.Tensor:
@@ -97,16 +73,13 @@ def vb_terms_bpd(
     x_t: torch.Tensor,
     t: torch.Tensor,
     labels: torch.Tensor | None = None,
+    clip_x0: bool = True,
 ) -> torch.Tensor:
     """One term of the bound in bits/dim [B] at x_t [B, C, H, W] (t [B]): L_{t} = KL(q(x_{t-1} | x_t,
-    x_0) || p_theta(x_{t-1} | x_t)) where t > 0, the decoder's -log p_theta(x_0 | x_1) where t = 0."""
-    true_mean, _ = diffusion.q_posterior(x0, x_t, t)  # eqs. 6-7
-    true_log_variance = extract(buffer(diffusion.posterior_log_variance_clipped), t, x_t.shape)
-    model_out = diffusion.p_mean_variance(model, x_t, t, labels, clip_x0=True)
-    kl = mean_bits(normal_kl(true_mean, true_log_variance, model_out["mean"], model_out["log_variance"]))
-    log_scales = 0.5 * model_out["log_variance"]
-    decoder = -mean_bits(discretized_gaussian_log_likelihood(x0, model_out["mean"], log_scales))
-    return torch.where(t == 0, decoder, kl)
+    x_0) || p_theta(x_{t-1} | x_t)) where t > 0, the decoder's -log p_theta(x_0 | x_1) where t = 0
+    (GaussianDiffusion.vb_terms_bpd of p_mean_variance, x0_hat clipped when clip_x0)."""
+    model_out = diffusion.p_mean_variance(model, x_t, t, labels, clip_x0=clip_x0)
+    return diffusion.vb_terms_bpd(x0, x_t, t, model_out)
 
 
 @torch.no_grad()
@@ -171,6 +144,6 @@ def nll_bits_per_dim(
         kl_terms_bpd=terms[1:].sum(dim=0).mean().item(),
         terms_per_t=terms.mean(dim=1).tolist(),
         num_images=len(images),
-        variance=VARIANCE_CHOICE,
+        variance=variance_choice(diffusion),
         clip_x0=True,
     )

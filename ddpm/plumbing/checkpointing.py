@@ -188,13 +188,17 @@ def resolve_checkpoints(names: str | None, directory: str | Path = DEFAULT_CHECK
 
 
 def build_model(config: dict[str, Any]) -> UNet:
-    """The UNet described by config["model"], for images of config's image_shape. A config without
-    scale_shift_norm was written before it existed: its U-Net adds the embedding before the norm."""
+    """The UNet described by config["model"], for images of config's image_shape, with the output
+    channels of config["diffusion"] (2C with learn_sigma). A config without scale_shift_norm was written
+    before it existed: its U-Net adds the embedding before the norm; one without learn_sigma, before
+    that: its U-Net outputs C channels (a fixed variance)."""
     channels, height, _ = image_shape(config)
+    learn_sigma = config.get("diffusion", {}).get("learn_sigma", False)
     model_config = {
         "in_channels": channels,
         "image_size": height,
         "scale_shift_norm": False,
+        "out_channels": 2 * channels if learn_sigma else channels,
         **config["model"],
     }
     for key in ("channel_mult", "attention_resolutions"):

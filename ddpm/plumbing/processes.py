@@ -58,6 +58,15 @@ class Processes(NamedTuple):
         dist.all_reduce(values)
         return values / self.world_size
 
+    def concatenated(self, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor [N, ...] (the same N on every rank) from every rank, concatenated in rank order
+        [world_size * N, ...] (tensor itself without DDP)."""
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
     def gather(self, value: Any) -> list[Any]:
         """value from every rank, in rank order."""
         if self.world_size == 1:

@@ -39,6 +39,7 @@ from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 
 LR_SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "cpu")
+TIMESTEP_SAMPLERS = ("uniform", "loss-aware")  # ddpm/training/timestep_sampler.py
 # Upper limits of the sizes, far above any useful value, so that a typo is one line, not an allocation
 # of terabytes: U-Net width, width multiplier per level, residual blocks per level, diffusion steps.
 MAX_MODEL_CHANNELS, MAX_CHANNEL_MULT, MAX_RES_BLOCKS, MAX_T = 1024, 16, 16, 100_000
@@ -183,10 +184,20 @@ class DiffusionSettings(Settings):
     T: int = setting(1000, "diffusion steps", int_between(2, MAX_T), flag="--T")
     schedule: str = setting("cosine", "noise schedule", choices=SCHEDULES)
     prediction: str = setting("eps", "what the network predicts", choices=PREDICTIONS)
+    learn_sigma: bool = setting(
+        False,
+        "learn the reverse variance (Nichol & Dhariwal eq. 15; the U-Net outputs 2C channels) with "
+        "L_hybrid = L_simple + 0.001 L_vlb",
+    )
 
     def config(self) -> dict[str, Any]:
         """The keyword arguments of diffusion.GaussianDiffusion."""
-        return {"T": self.T, "schedule": self.schedule, "prediction": self.prediction}
+        return {
+            "T": self.T,
+            "schedule": self.schedule,
+            "prediction": self.prediction,
+            "learn_sigma": self.learn_sigma,
+        }
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,12 @@ class TrainingSettings(Settings):
         None, "min-SNR loss weight gamma, e.g. 5 (default None: plain MSE)", positive_float
     )
     p_uncond: float = setting(0.1, "label dropout for classifier-free guidance, in [0, 1)", fraction)
+    timestep_sampler: str = setting(
+        "uniform",
+        "how t is drawn: uniform (Algorithm 1), or loss-aware, p_t ~ sqrt(E[L_t^2]) over the last 10 losses "
+        "of each t with losses weighted by 1/(T p_t) (Nichol & Dhariwal section 3.3)",
+        choices=TIMESTEP_SAMPLERS,
+    )
     max_steps: int | None = setting(None, "also stop after this many steps", positive_int)
     max_minutes: float | None = setting(
         None, "also stop after this many minutes of training steps (the LR decays over them)", positive_float
@@ -254,12 +271,12 @@ class SamplerChoice(Settings):
     TITLE = "sampling (diffusion.py)"
     sampler: str = setting(
         "ddim",
-        "reverse process: ddpm (all T steps), ddim, dpm++2m, or heun (Karras et al. 2022: 2 evaluations per "
-        "noise level, so at least 3 or 4)",
+        "reverse process: ddpm (all T steps, or respaced to --steps), ddim, dpm++2m, or heun (Karras et al. "
+        "2022: 2 evaluations per noise level, so at least 3 or 4)",
         choices=SAMPLERS,
     )
     steps: int | None = setting(
-        None, "model evaluations from t down to 0 (default: min(50, t+1); ddpm always t+1)", positive_int
+        None, "model evaluations from t down to 0 (default: min(50, t+1); ddpm: t+1)", positive_int
     )
     eta: float = setting(0.0, "DDIM eta (0: deterministic, 1: DDPM's posterior variance)", non_negative_float)
     s_churn: float = setting(

@@ -1,8 +1,9 @@
 """The training loop: Algorithm 1 step after step, epoch after epoch, until a stop rule; epoch ends save.
 
 Each step is Algorithm 1 of Ho et al. 2020 (arXiv:2006.11239) through
-`GaussianDiffusion.training_loss`, then gradient clipping, AdamW (Loshchilov & Hutter 2019,
-arXiv:1711.05101) at an LR with a linear warm-up then SGDR's cosine decay without restarts
+`GaussianDiffusion.training_losses` (L_hybrid of Nichol & Dhariwal 2021 with --learn-sigma) at the
+timesteps of --timestep-sampler (timestep_sampler.py), then gradient clipping, AdamW (Loshchilov &
+Hutter 2019, arXiv:1711.05101) at an LR with a linear warm-up then SGDR's cosine decay without restarts
 (arXiv:1608.03983), and the EMA of the weights (state.WarmupEMA); class-conditional models drop labels
 for classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598). The cosine reaches 0 at the end
 of the epochs or of the time budget, whichever is nearer. Epoch e's batches are a permutation seeded
@@ -183,27 +184,35 @@ class Run:
         """Backpropagate Algorithm 1's loss on the batch x0 [B, C, H, W] in K = --grad-accum micro-batches
         of B / K images, each loss divided by K so that the gradients add up to the batch's mean loss;
         under DDP the gradients are all-reduced once, in the last micro-batch's backward (no_sync for
-        the others). t and eps are drawn for the whole batch first, so K changes the memory, not the
-        step (dropout masks aside). Returns the batch's loss, detached."""
-        parts = self.job.training.grad_accum
-        draws = self.diffusion.training_draws(x0)
+        the others). t (with its weight 1 / (T p_t): timestep_sampler.py) and eps are drawn for the whole
+        batch first, in GaussianDiffusion.training_loss's order, so K changes the memory, not the step
+        (dropout masks aside); the timestep sampler then learns the batch's losses. Returns the batch's
+        loss, detached."""
+        parts, sampler = self.job.training.grad_accum, self.state.timestep_sampler
+        t, weights = sampler.sample(x0.shape[0], x0.device)
+        noise = torch.randn_like(x0)
         micro_batches = zip(
             x0.chunk(parts),
             labels.chunk(parts) if labels is not None else [None] * parts,
-            *(draw.chunk(parts) for draw in draws),
+            t.chunk(parts),
+            noise.chunk(parts),
+            weights.chunk(parts),
             strict=True,
         )
-        total = torch.zeros((), device=x0.device)
-        for index, (x0_part, labels_part, t_part, noise_part) in enumerate(micro_batches):
+        total, losses = torch.zeros((), device=x0.device), []
+        for index, (x0_part, labels_part, t_part, noise_part, weights_part) in enumerate(micro_batches):
             last = index == parts - 1
             with contextlib.nullcontext() if last else no_gradient_sync(self.network):
                 with autocast_context(self.plan.amp, self.processes.device):
-                    loss = self.diffusion.training_loss(
-                        self.network, x0_part, labels_part, min_snr_gamma=self.job.training.min_snr_gamma,
-                        draws=(t_part, noise_part),
-                    ) / parts  # fmt: skip
+                    part_losses = self.diffusion.training_losses(
+                        self.network, x0_part, t_part, labels_part, self.job.training.min_snr_gamma,
+                        noise=noise_part,
+                    )  # fmt: skip
+                    loss = (weights_part * part_losses).mean() / parts
                 self.state.scaler.scale(loss).backward()
             total += loss.detach()
+            losses.append(part_losses.detach())
+        sampler.update(t, torch.cat(losses), self.processes)
         return total
 
     def optimizer_step(self) -> bool:

@@ -29,6 +29,7 @@ from ddpm.training.state import TrainingState, restore_rng_states
 SETUP_SECTIONS = ("model", "diffusion")  # the config sections a resume must match, key by key
 DATA_KEYS = ("data", "data_dir")
 SHAPE_KEYS = ("in_channels", "image_size")  # unrecorded in older checkpoints: any value fits them
+UNRECORDED_DEFAULTS = {"learn_sigma": False}  # what older checkpoints without the key were trained with
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def setup_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str
     for section in SETUP_SECTIONS:
         saved_section, section_config = saved.get(section, {}), config[section]
         for key in sorted(set(saved_section) | set(section_config)):
-            there, here = saved_section.get(key), section_config.get(key)
+            there, here = saved_section.get(key, UNRECORDED_DEFAULTS.get(key)), section_config.get(key)
             if (list(there) if isinstance(there, tuple | list) else there) != here and not (
                 key in SHAPE_KEYS and there is None
             ):

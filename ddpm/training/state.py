@@ -1,8 +1,9 @@
 """Everything a training run needs to resume bit-exactly: weights, EMA, optimizer, RNG, data position.
 
-`TrainingState` holds the U-Net, its EMA (`WarmupEMA`), the AdamW optimizer, the grad scaler and
-the position in the run (step, epoch, batch, optimizer steps, seconds of training), and turns them
-into the checkpoint dict of `checkpointing.py` and back. The learning rate needs no state of its
+`TrainingState` holds the U-Net, its EMA (`WarmupEMA`), the AdamW optimizer, the grad scaler, the
+timestep sampler's loss history (timestep_sampler.py) and the position in the run (step, epoch,
+batch, optimizer steps, seconds of training), and turns them into the checkpoint dict of
+`checkpointing.py` and back. The learning rate needs no state of its
 own: the trainer derives it from the optimizer steps and the seconds trained. RNG states (torch CPU/CUDA/MPS,
 NumPy, Python) are stored as tensors and plain values so the checkpoint loads with
 `torch.load(weights_only=True)`. The data order needs no state of its own: epoch e is shuffled by a
@@ -15,7 +16,8 @@ n lives on the host: an update is one fused lerp over all weights and never wait
 stalled the CUDA queue).
 
 Example:
-    state = TrainingState.create(model, optimizer, scaler, ema_decay=0.9999, data_seed=0)
+    sampler = make_timestep_sampler("uniform", T=1000, device=device)
+    state = TrainingState.create(model, optimizer, scaler, 0.9999, data_seed=0, timestep_sampler=sampler)
     checkpoint = state.to_checkpoint(config, [capture_rng_states(device)])
     state.restore(load_checkpoint("checkpoints/last.pt"), "checkpoints/last.pt")
 """
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, CheckpointError
+from ddpm.training.timestep_sampler import UniformSampler
 from model import UNet
 
 EMA_WARMUP_OFFSET = 10  # decay = min(decay, (1 + n) / (EMA_WARMUP_OFFSET + n))
@@ -142,6 +145,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     data_seed: int
+    timestep_sampler: UniformSampler
     step: int = 0
     optimizer_steps: int = 0
     epoch: int = 0
@@ -149,8 +153,10 @@ class TrainingState:
     train_seconds: float = 0.0
 
     @classmethod
-    def create(cls, model, optimizer, scaler, ema_decay: float, data_seed: int) -> TrainingState:
-        return cls(model, WarmupEMA(model, ema_decay), optimizer, scaler, data_seed)
+    def create(
+        cls, model, optimizer, scaler, ema_decay: float, data_seed: int, timestep_sampler: UniformSampler
+    ) -> TrainingState:
+        return cls(model, WarmupEMA(model, ema_decay), optimizer, scaler, data_seed, timestep_sampler)
 
     def to_checkpoint(self, config: dict[str, Any], rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint dict; rng_states holds one entry per DDP rank (one without DDP)."""
@@ -168,12 +174,14 @@ class TrainingState:
             "batch_in_epoch": self.batch_in_epoch,
             "train_seconds": self.train_seconds,
             "data_seed": self.data_seed,
+            "timestep_sampler": self.timestep_sampler.state_dict(),
             "rng": rng_states,
         }
 
     def restore(self, checkpoint: dict[str, Any], path: str | Path) -> None:
         """Load everything but the RNG states; a CheckpointError if it does not fit. Version-1
-        checkpoints (no optimizer_steps, train_seconds) resume with optimizer_steps = step and 0 s."""
+        checkpoints (no optimizer_steps, train_seconds) resume with optimizer_steps = step and 0 s;
+        checkpoints without a timestep sampler's history start it afresh."""
         missing = [key for key in RESUME_KEYS if key not in checkpoint]
         if missing:
             raise CheckpointError(
@@ -197,3 +205,4 @@ class TrainingState:
         self.optimizer_steps = checkpoint.get("optimizer_steps", self.step)
         self.train_seconds = checkpoint.get("train_seconds", 0.0)
         self.data_seed = checkpoint["data_seed"]
+        self.timestep_sampler.load_state_dict(checkpoint.get("timestep_sampler", {}))

@@ -50,6 +50,7 @@ from ddpm.training.quality import prepare_quality
 from ddpm.training.resume import Resumed, checkpoint_to_resume, start_random_streams
 from ddpm.training.state import TrainingState
 from ddpm.training.tensorboard_log import open_events
+from ddpm.training.timestep_sampler import make_timestep_sampler
 from ddpm.training.training_log import TrainingLog
 from diffusion import GaussianDiffusion
 from model import count_parameters
@@ -203,7 +204,7 @@ def load_training_data(job: TrainingJob, processes: Processes) -> TrainingData:
 def build_training_state(
     config: dict[str, Any], job: TrainingJob, plan: SpeedPlan, device: torch.device
 ) -> TrainingState:
-    """U-Net, EMA, AdamW (fused on CUDA) and grad scaler (fp16 only) of a new run."""
+    """U-Net, EMA, AdamW (fused on CUDA), grad scaler (fp16 only) and timestep sampler of a new run."""
     memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
     model = build_model(config).to(device).to(memory_format=memory_format)
     training = job.training
@@ -211,7 +212,10 @@ def build_training_state(
         model.parameters(), lr=training.lr, weight_decay=training.weight_decay, fused=device.type == "cuda"
     )
     scaler = torch.amp.GradScaler(device.type, enabled=plan.amp == "fp16")
-    return TrainingState.create(model, optimizer, scaler, training.ema_decay, data_seed=job.run.seed)
+    sampler = make_timestep_sampler(training.timestep_sampler, config["diffusion"]["T"], device)
+    return TrainingState.create(
+        model, optimizer, scaler, training.ema_decay, data_seed=job.run.seed, timestep_sampler=sampler
+    )
 
 
 def network_for_training(state: TrainingState, plan: SpeedPlan, processes: Processes) -> torch.nn.Module:
