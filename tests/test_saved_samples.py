@@ -177,11 +177,13 @@ def test_torchrun_two_processes_give_one_process_s_report_and_samples(tiny_check
 
 
 def test_vizu_refuses_several_processes(monkeypatch, capsys):
-    """vizu's pictures hold a few images: under torchrun with 2 processes it stops in one line."""
+    """vizu's modes but --generate hold a few images: under torchrun with 2 processes they stop in one
+    line naming the mode."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: vizu_MNIST.main(["--generate", "--device", "cpu"]))
+        run_cli(lambda: vizu_MNIST.main(["--t-sweep", "--device", "cpu"]))
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and errors == [
-        "error: vizu_MNIST.py runs on one process: start it with python, not torchrun --nproc_per_node N"
+        "error: only --generate splits over torchrun processes: run --t-sweep with python, "
+        "not torchrun --nproc_per_node N"
     ]

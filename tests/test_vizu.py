@@ -100,6 +100,25 @@ def test_generation_writes_every_file(tiny_checkpoint, tmp_path):
     assert (tmp_path / "commitment.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_torchrun_two_processes_generate_one_process_s_files(tiny_checkpoint, tmp_path, sampler):
+    """torchrun, gloo, 2 CPU processes: each rank samples one of the two batches of 2 images (ddpm
+    draws fresh noise at each of its 100 steps, each image from its own generator), rank 0 gathers them
+    and writes the same files as one process with the same batches, bit for bit, and alone prints."""
+    flags = f"--generate --num-images 4 --batch-size 2 --sampler {sampler}"
+    flags += " --steps 2" if sampler == "ddim" else ""
+    single, double = tmp_path / "single", tmp_path / "double"
+    run_vizu(tiny_checkpoint, single, flags)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "vizu_MNIST.py"), "--checkpoint", str(tiny_checkpoint), "--out-dir", str(double),
+               "--device", "cpu", *flags.split()]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1
+    for name in ("metrics.csv", "commitment.csv", "generated.png", "strip.png"):
+        assert (single / name).read_bytes() == (double / name).read_bytes(), name
+
+
 def test_decided_step_is_where_the_predicted_class_stops_changing(tiny_checkpoint, tmp_path):
     """commitment.csv against metrics.csv: from decided_step on, x0-hat's class is the final one (with
     the probability of the finished image's top class at the end); one step earlier it is not."""

@@ -104,6 +104,12 @@ class VisualisationSettings(Settings):
         None, "starting steps of --t-sweep (default: 50,100,250,500,750 below T-1, and T-1)", int_tuple
     )
     generate: bool = setting(False, "sample from pure noise instead of reconstructing test images")
+    batch_size: int = setting(
+        250,
+        "--generate: images per sampler batch; torchrun deals whole batches over the processes, so the "
+        "files equal one process's with the same --batch-size",
+        positive_int,
+    )
     label: int | None = setting(
         None,
         "class to condition on, for class-conditional checkpoints (default: each test image's own label; "

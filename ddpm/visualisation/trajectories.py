@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ddpm.evaluation.classifier import class_probabilities
 from ddpm.evaluation.image_metrics import mse, ssim
 from ddpm.plumbing.settings import SamplingSettings
+from ddpm.sampling import sample_generators, starting_noise
 from diffusion import GaussianDiffusion, SamplerStep
 
 FINISHED_T = -1  # the t that samplers report for the finished image
@@ -50,11 +51,15 @@ class Trajectory:
 
 
 def record_steps(
-    sampler_steps: Iterable[SamplerStep], originals: torch.Tensor | None = None, total: int | None = None
+    sampler_steps: Iterable[SamplerStep],
+    originals: torch.Tensor | None = None,
+    total: int | None = None,
+    progress: bool = True,
 ) -> Trajectory:
     """Consume a sampler's SamplerSteps, keeping x_t and pred_x0 at each and their metrics."""
     timesteps, states, predictions = [], [], []
-    for step in tqdm(sampler_steps, total=total, desc="reverse process", leave=False):
+    steps = tqdm(sampler_steps, total=total, desc="reverse process", leave=False, disable=not progress)
+    for step in steps:
         timesteps.append(step.t)
         states.append(step.x_t.float().cpu())
         predictions.append(step.pred_x0.float().cpu())
@@ -108,27 +113,41 @@ def reconstruction_trajectory(
 def generation_trajectory(
     model: nn.Module,
     diffusion: GaussianDiffusion,
-    n: int,
+    samples: range,
     image_shape: tuple[int, int, int],
     sampling: SamplingSettings,
-    generator: torch.Generator | None = None,
+    seed: int,
     labels: torch.Tensor | None = None,
+    progress: bool = True,
 ) -> Trajectory:
-    """Sample n images from pure noise at t = T-1 and record every step."""
+    """Samples `samples` (indices i of a run of samples.stop) from pure noise at t = T-1, every step
+    recorded. Sample i's x_T is row i of sampling.starting_noise(seed) and its fresh noise comes from
+    its own generator (sampling.sample_generators), so it depends on (seed, i) alone: any share of the
+    samples draws what the whole run draws for them. labels: [len(samples)] or None."""
     total = len(diffusion.timesteps(sampling.sampler, sampling.steps, diffusion.T - 1)) + 1
+    device = diffusion.betas.device
     sampler_steps = diffusion.sample_progressive(
         model,
-        n,
         sampler=sampling.sampler,
         steps=sampling.steps,
         eta=sampling.eta,
         s_churn=sampling.s_churn,
-        generator=generator,
+        generator=sample_generators(seed, samples, device),
         labels=labels,
         guidance=sampling.guidance,
-        image_shape=image_shape,
+        x_start=starting_noise(samples.stop, image_shape, seed)[samples.start :],
     )
-    return record_steps(sampler_steps, None, total)
+    return record_steps(sampler_steps, None, total, progress)
+
+
+def joined(parts: list[Trajectory]) -> Trajectory:
+    """Trajectories of consecutive shares of one run's samples (same timesteps) as one, in that order."""
+    return Trajectory(
+        parts[0].timesteps,
+        torch.cat([part.x_t for part in parts], dim=1),
+        torch.cat([part.pred_x0 for part in parts], dim=1),
+        {name: np.concatenate([part.metrics[name] for part in parts], axis=1) for name in parts[0].metrics},
+    )
 
 
 # ----- when the digit is decided ------------------------------------------------------------------

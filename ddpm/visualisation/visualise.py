@@ -35,9 +35,10 @@ from ddpm.plumbing.checkpointing import data_source, image_shape, load_for_infer
 from ddpm.plumbing.inference_settings import EditingSettings, VisualisationSettings
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import writable_dir, write_csv
+from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.runtime import resolve_device, seed_everything
 from ddpm.plumbing.settings import DataSettings, GuidedSamplingSettings, SamplingSettings
-from ddpm.sampling import check_sampling, check_sweep, reconstruction_sweep, sweep_timesteps
+from ddpm.sampling import batch_starts, check_sampling, check_sweep, reconstruction_sweep, sweep_timesteps
 from ddpm.visualisation.commitment import (
     COMMITMENT_HEADER,
     commitment_judge,
@@ -58,6 +59,7 @@ from ddpm.visualisation.pictures import (
 from ddpm.visualisation.trajectories import (
     Trajectory,
     generation_trajectory,
+    joined,
     reconstruction_trajectory,
 )
 from diffusion import GaussianDiffusion
@@ -171,19 +173,24 @@ def run_t_sweep(model, diffusion, settings, sampling, originals, labels, out_dir
 
 
 def run_generation(
-    model, diffusion, settings, sampling: GuidedSamplingSettings, shape, out_dir: Path, device, classifier
+    model, diffusion, settings, sampling: GuidedSamplingSettings, shape, out_dir: Path, processes, classifier
 ) -> str:
     """Samples from pure noise with each --guidance scale (the same noise; files suffixed
-    _guidance<g> when there are several), and when the digit is decided in each."""
+    _guidance<g> when there are several), and when the digit is decided in each. Under torchrun
+    each rank draws its share and rank 0 alone draws the pictures (the other ranks return "")."""
+    device = processes.device
     default_labels = torch.arange(settings.num_images, device=device) % (model.num_classes or 1)
     several = len(sampling.guidance) > 1
     lines, rows = [], []
     for guidance in sampling.guidance:
         labels = conditioning(model.num_classes, settings.label, guidance, default_labels)
-        suffix = f"_guidance{guidance:g}" if several else ""
-        trajectory, line = generate_once(
-            model, diffusion, settings, sampling.at(guidance), shape, out_dir, suffix, labels, device
+        trajectory = shared_generation(
+            model, diffusion, settings, sampling.at(guidance), shape, labels, processes
         )
+        if trajectory is None:
+            continue
+        suffix = f"_guidance{guidance:g}" if several else ""
+        line = generation_pictures(trajectory, settings, sampling.at(guidance), out_dir, suffix, labels)
         if classifier is not None:
             new_rows = commitment_rows(
                 trajectory, classifier, list(range(settings.num_images)), labels, guidance
@@ -200,12 +207,31 @@ def run_generation(
     return "\n".join(lines)
 
 
-def generate_once(model, diffusion, settings, sampling, shape, out_dir: Path, suffix: str, labels, device):
-    """One generation from the seeded noise: its pictures; returns the trajectory and a line to print."""
-    generator = torch.Generator(device).manual_seed(settings.seed)
-    trajectory = generation_trajectory(
-        model, diffusion, settings.num_images, shape, sampling, generator, labels
-    )
+def shared_generation(
+    model, diffusion, settings, sampling: SamplingSettings, shape, labels, processes: Processes
+) -> Trajectory | None:
+    """The --num-images samples' trajectory on rank 0 (None on the others), drawn in batches of
+    --batch-size dealt over the ranks (batch_starts; each sample's noise a function of (seed, i)
+    alone) and gathered by rank 0 in sample order: the same batches, so the same bits, as one process."""
+    count, size = settings.num_images, settings.batch_size
+    batches = [
+        generation_trajectory(
+            model, diffusion, range(start, min(start + size, count)), shape, sampling, settings.seed,
+            None if labels is None else labels[start : start + size], progress=processes.is_main,
+        )
+        for start in batch_starts(count, size, processes.rank, processes.world_size)
+    ]  # fmt: skip
+    per_rank = processes.gather(batches)
+    if not processes.is_main:
+        return None
+    ranks, total = len(per_rank), sum(len(rank_batches) for rank_batches in per_rank)
+    return joined([per_rank[k % ranks][k // ranks] for k in range(total)])
+
+
+def generation_pictures(
+    trajectory: Trajectory, settings, sampling, out_dir: Path, suffix: str, labels
+) -> str:
+    """One generation's pictures; returns a line to print."""
     samples = range(settings.num_images)
     names = [f"sample {i}" if labels is None else f"class {int(labels[i])}" for i in samples]
     title = f"generation from pure noise ({sampling.sampler}, {trajectory.evaluations} model evaluations)"
@@ -215,7 +241,7 @@ def generate_once(model, diffusion, settings, sampling, shape, out_dir: Path, su
     save_strip(trajectory, out_dir / f"strip{suffix}.png", settings.strip_steps, names, title)
     save_change_curve(trajectory, out_dir / f"curves{suffix}.png", title)
     frames = save_gif(trajectory, out_dir / f"reverse{suffix}.gif", settings.gif_frames)
-    return trajectory, f"{title}: wrote {out_dir}/ (GIF{suffix}: {frames} frames)"
+    return f"{title}: wrote {out_dir}/ (GIF{suffix}: {frames} frames)"
 
 
 def check_mode(
@@ -333,12 +359,16 @@ def visualise(
     sampling: GuidedSamplingSettings,
     data: DataSettings,
     editing: EditingSettings | None = None,
+    processes: Processes | None = None,
 ) -> str:
-    """Run the chosen mode; returns what to print."""
+    """Run the chosen mode; returns what to print. Under torchrun (processes of several ranks, for
+    --generate alone) every rank samples its share and rank 0 alone writes and returns the text."""
     editing = editing if editing is not None else EditingSettings()
     check_modes(settings, editing)
-    out_dir = writable_dir(settings.out_dir)
-    device = resolve_device(settings.device)
+    if processes is None:
+        processes = Processes(rank=0, world_size=1, device=resolve_device(settings.device))
+    out_dir = writable_dir(settings.out_dir) if processes.is_main else Path(settings.out_dir)
+    device = processes.device
     seed_everything(settings.seed)
     model, diffusion, checkpoint = load_for_inference(
         resolve_checkpoint(settings.checkpoint), device, settings.ema
@@ -348,10 +378,11 @@ def visualise(
         check_editing(settings, editing, sampling, diffusion, cast(int | None, model.num_classes))
         return edit(model, diffusion, config, settings, editing, sampling, data, out_dir, device)
     check_mode(settings, sampling, diffusion, model)
-    classifier = None if settings.t_sweep else commitment_judge(settings, data, config, device)
+    judge = not settings.t_sweep and processes.is_main
+    classifier = commitment_judge(settings, data, config, device) if judge else None
     if settings.generate:
         return run_generation(
-            model, diffusion, settings, sampling, image_shape(config), out_dir, device, classifier
+            model, diffusion, settings, sampling, image_shape(config), out_dir, processes, classifier
         )
     plain = sampling.at(sampling.guidance[0])
     originals, true_labels, indices = chosen_test_images(settings, data, config, device)
