@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 
 import vizu_MNIST
 from ddpm.datasets.sources import load_images
@@ -121,3 +123,64 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def gif_frame_count(path: Path) -> int:
     with Image.open(path) as gif:
         return gif.n_frames
+
+
+# ----- the closed-form denoiser of Gaussian data (tests/test_diffusion.py, tests/test_editing.py) -------
+
+MU, SIGMA = 0.1, 0.2  # every pixel of the Gaussian test data is N(MU, SIGMA^2)
+
+
+class GaussianOracle(nn.Module):
+    """The exact E[eps | x_t] (or E[v | x_t]) when every pixel of x0 is N(mu, s^2) independently."""
+
+    def __init__(self, diffusion: GaussianDiffusion, mu: float, s: float):
+        super().__init__()
+        self.diffusion, self.mu, self.s = diffusion, mu, s
+
+    def forward(self, x_t, t, labels=None):
+        alpha_bar = self.diffusion.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
+        x_t = x_t.double()
+        eps = (
+            (1 - alpha_bar).sqrt()
+            * (x_t - alpha_bar.sqrt() * self.mu)
+            / (alpha_bar * self.s**2 + 1 - alpha_bar)
+        )
+        if self.diffusion.prediction == "eps":
+            return eps.float()
+        x0 = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        return (alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0).float()
+
+
+def oracle_affine(alpha_bar: float, mu: float, s: float) -> tuple[float, float, float, float]:
+    """x0_hat = a0 x_t + b0 and eps_hat = ae x_t + be for the Gaussian oracle at alpha_bar."""
+    ae = math.sqrt(1 - alpha_bar) / (alpha_bar * s**2 + 1 - alpha_bar)
+    be = -ae * math.sqrt(alpha_bar) * mu
+    a0 = (1 - math.sqrt(1 - alpha_bar) * ae) / math.sqrt(alpha_bar)
+    b0 = -math.sqrt(1 - alpha_bar) * be / math.sqrt(alpha_bar)
+    return a0, b0, ae, be
+
+
+class CountingOracle(GaussianOracle):
+    """The Gaussian oracle that records the timestep of each call."""
+
+    def __init__(self, diffusion: GaussianDiffusion, mu: float, s: float):
+        super().__init__(diffusion, mu, s)
+        self.calls: list[int] = []
+
+    def forward(self, x_t, t, labels=None):
+        self.calls.append(int(t[0]))
+        return super().forward(x_t, t, labels)
+
+
+class LabelSpy(GaussianOracle):
+    """The Gaussian oracle that records the labels of each call (null label 10)."""
+
+    num_classes = 10
+
+    def __init__(self, diffusion: GaussianDiffusion):
+        super().__init__(diffusion, MU, SIGMA)
+        self.seen: list[list[int]] = []
+
+    def forward(self, x_t, t, labels=None):
+        self.seen.append(labels.tolist())
+        return super().forward(x_t, t)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import MU, SIGMA, CountingOracle, GaussianOracle, LabelSpy, oracle_affine
 from torch import nn
 
 from diffusion import GaussianDiffusion, SamplerStep
@@ -175,36 +176,6 @@ def test_predict_x0_inverts_q_sample(prediction):
 # ----- the closed-form denoiser for Gaussian data -----------------------------------------------
 
 
-class GaussianOracle(nn.Module):
-    """The exact E[eps | x_t] (or E[v | x_t]) when every pixel of x0 is N(mu, s^2) independently."""
-
-    def __init__(self, diffusion: GaussianDiffusion, mu: float, s: float):
-        super().__init__()
-        self.diffusion, self.mu, self.s = diffusion, mu, s
-
-    def forward(self, x_t, t, labels=None):
-        alpha_bar = self.diffusion.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
-        x_t = x_t.double()
-        eps = (
-            (1 - alpha_bar).sqrt()
-            * (x_t - alpha_bar.sqrt() * self.mu)
-            / (alpha_bar * self.s**2 + 1 - alpha_bar)
-        )
-        if self.diffusion.prediction == "eps":
-            return eps.float()
-        x0 = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-        return (alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0).float()
-
-
-def oracle_affine(alpha_bar: float, mu: float, s: float) -> tuple[float, float, float, float]:
-    """x0_hat = a0 x_t + b0 and eps_hat = ae x_t + be for the Gaussian oracle at alpha_bar."""
-    ae = math.sqrt(1 - alpha_bar) / (alpha_bar * s**2 + 1 - alpha_bar)
-    be = -ae * math.sqrt(alpha_bar) * mu
-    a0 = (1 - math.sqrt(1 - alpha_bar) * ae) / math.sqrt(alpha_bar)
-    b0 = -math.sqrt(1 - alpha_bar) * be / math.sqrt(alpha_bar)
-    return a0, b0, ae, be
-
-
 def propagate_ddpm(alpha_bar: np.ndarray, mu: float, s: float) -> tuple[float, float]:
     """Exact mean and std after the full ancestral chain from x_{T-1} ~ N(0, 1) (Algorithm 2)."""
     mean, var = 0.0, 1.0
@@ -245,7 +216,6 @@ def propagate_deterministic(alpha_bar: np.ndarray, steps: list[int], mu: float, 
     return b, abs(a)
 
 
-MU, SIGMA = 0.1, 0.2
 MNIST_SHAPE = (1, 28, 28)
 N_SAMPLES = 64  # x 784 pixels = 50k independent draws
 
@@ -491,18 +461,6 @@ def test_heun_reaches_the_data_and_converges_at_second_order(schedule):
     assert error("heun", 10) > 1 > 0.6 > error("ddim", 10)
 
 
-class CountingOracle(GaussianOracle):
-    """The Gaussian oracle that records the timestep of each call."""
-
-    def __init__(self, diffusion: GaussianDiffusion, mu: float, s: float):
-        super().__init__(diffusion, mu, s)
-        self.calls: list[int] = []
-
-    def forward(self, x_t, t, labels=None):
-        self.calls.append(int(t[0]))
-        return super().forward(x_t, t, labels)
-
-
 @pytest.mark.parametrize("steps", [4, 10, 11])
 def test_heun_yields_each_evaluation_then_the_result(steps):
     diffusion = GaussianDiffusion(T=100)
@@ -601,20 +559,6 @@ def test_classifier_free_guidance_mixes_conditional_and_null_predictions():
     torch.testing.assert_close(plain[:, 0, 0, 0], torch.tensor([2.0, 7.0]))
     # uncond + w (cond - uncond) = 10 + 3 (label - 10)
     torch.testing.assert_close(guided[:, 0, 0, 0], torch.tensor([10 + 3 * (2 - 10.0), 10 + 3 * (7 - 10.0)]))
-
-
-class LabelSpy(GaussianOracle):
-    """The Gaussian oracle that records the labels of each call (null label 10)."""
-
-    num_classes = 10
-
-    def __init__(self, diffusion: GaussianDiffusion):
-        super().__init__(diffusion, MU, SIGMA)
-        self.seen: list[list[int]] = []
-
-    def forward(self, x_t, t, labels=None):
-        self.seen.append(labels.tolist())
-        return super().forward(x_t, t)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])

@@ -12,9 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import gif_frame_count, read_csv, run_vizu
+from helpers import (
+    MU,
+    SIGMA,
+    CountingOracle,
+    GaussianOracle,
+    LabelSpy,
+    gif_frame_count,
+    oracle_affine,
+    read_csv,
+    run_vizu,
+)
 from PIL import Image
-from test_diffusion import MU, SIGMA, CountingOracle, GaussianOracle, LabelSpy, oracle_affine
 
 from ddpm.datasets.sources import load_images
 from ddpm.evaluation.image_metrics import mse
