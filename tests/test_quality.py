@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY_IMAGES, run_eval, tiny_train_argv
+from tensorboard.backend.event_processing import event_accumulator
 
 from ddpm.datasets.idx import write_idx
 from ddpm.datasets.sources import load_images, spread_over_classes
@@ -84,7 +85,7 @@ def quality_rows(out_dir: Path) -> list[dict[str, str]]:
 def test_rows_at_the_measured_epochs_and_best_pt_holds_the_lowest_fid(quality_data, tmp_path):
     """--epochs 5 --eval-every 2: rows after epochs 2, 4 and the last, 5 (steps 6, 12, 15), every
     number finite; best.pt is the epoch checkpoint of the row with the lowest FID, that FID and step
-    inside it."""
+    inside it; the TensorBoard events hold the same rows as quality/<column> at their steps."""
     main(quality_argv(quality_data, tmp_path, "--epochs", "5", "--eval-every", "2", "--save-every", "1"))
     rows = quality_rows(tmp_path)
     assert [(int(row["step"]), int(row["epoch"])) for row in rows] == [(6, 2), (12, 4), (15, 5)]
@@ -97,6 +98,12 @@ def test_rows_at_the_measured_epochs_and_best_pt_holds_the_lowest_fid(quality_da
     assert best["step"] == int(lowest["step"]) and best["quality"]["num_samples"] == int(EVAL_SAMPLES)
     epoch_checkpoint = load_checkpoint(tmp_path / f"{quality_data.name}_epoch_{int(lowest['epoch']):02d}.pt")
     assert all(torch.equal(best["ema"][key], value) for key, value in epoch_checkpoint["ema"].items())
+    logged = event_accumulator.EventAccumulator(str(tmp_path)).Reload()  # each row also in TensorBoard
+    for name in ("fid", "is", "precision", "recall"):
+        scalars = [(event.step, event.value) for event in logged.Scalars(f"quality/{name}")]
+        expected = [(int(row["step"]), float(row[name])) for row in rows]
+        assert [step for step, _ in scalars] == [step for step, _ in expected]
+        assert [value for _, value in scalars] == pytest.approx([value for _, value in expected], rel=1e-5)
 
 
 def test_measures_change_nothing_in_training_and_eval_every_0_writes_nothing(quality_data, tmp_path):
