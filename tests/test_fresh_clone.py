@@ -152,7 +152,8 @@ def test_cpu_preset_sets_its_recipe_and_explicit_flags_win():
     assert (job.training.lr, job.training.ema_decay, job.model.dropout) == (2e-3, 0.999, 0.0)
     for key, value in PRESETS["cpu"].items():
         assert value in [
-            getattr(part, key, None) for part in (job.model, job.diffusion, job.training, job.runtime)
+            getattr(part, key, None)
+            for part in (job.model, job.diffusion, job.training, job.runtime, job.run)
         ]
     overridden = training_job_from_flags(["--preset", "cpu", "--lr", "1e-3", "--channel-mult", "1,2"])
     assert overridden.training.lr == 1e-3 and overridden.model.channel_mult == (1, 2)

@@ -11,7 +11,7 @@ import torch
 from helpers import tiny_train_argv
 
 from ddpm.plumbing.checkpointing import load_checkpoint
-from ddpm.training.processes import Processes
+from ddpm.plumbing.processes import Processes
 from ddpm.training.timestep_sampler import (
     HISTORY_PER_T,
     UNIFORM_PROB,

@@ -49,6 +49,7 @@ from ddpm.plumbing.presets import training_job_from_flags
 from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.runtime import SpeedPlan, seed_everything
 from ddpm.training.loop import Run, TrainingData, drop_labels
+from ddpm.training.timestep_sampler import UniformSampler
 from ddpm.training.trainer import TrainingResult, train
 from diffusion import GaussianDiffusion
 from train_MNIST import main
@@ -721,7 +722,9 @@ def test_grad_accum_all_reduces_once_per_step_under_ddp(tmp_path):
                 plan=SpeedPlan(amp="none", compile=False, compile_mode="default", channels_last=False),
                 processes=Processes(rank=0, world_size=1, device=torch.device("cpu")),
                 network=network,
-                state=SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False)),
+                state=SimpleNamespace(
+                    scaler=torch.amp.GradScaler("cpu", enabled=False), timestep_sampler=UniformSampler(100)
+                ),
             )
             network.zero_grad(set_to_none=True)
             all_reduces.clear()
