@@ -165,14 +165,10 @@ def generate_samples(
         with autocast_context(amp, device):
             images = diffusion.sample(
                 model,
-                sampler=sampling.sampler,
-                steps=sampling.steps,
-                eta=sampling.eta,
-                s_churn=sampling.s_churn,
                 generator=sample_generators(seed, indices, device),
                 labels=None if labels is None else labels[start : indices.stop].to(device),
-                guidance=sampling.guidance,
                 x_start=noise[start : indices.stop],
+                **sampling.sampler_options(),
             )
         batches.append(images.cpu())
         if labels is not None:
@@ -209,12 +205,8 @@ def reconstruct_images(
             x0,
             t,
             generator,
-            sampler=sampling.sampler,
-            steps=steps,
-            eta=sampling.eta,
-            s_churn=sampling.s_churn,
             labels=batch_labels,
-            guidance=sampling.guidance,
+            **(sampling.sampler_options() | {"steps": steps}),
         )
         with autocast_context(amp, device):
             results.append(final_sample(sampler_steps).cpu())

@@ -292,6 +292,16 @@ class SamplingSettings(SamplerChoice):
         1.0, "classifier-free guidance scale (class-conditional models)", non_negative_float
     )
 
+    def sampler_options(self) -> dict[str, Any]:
+        """These settings as keywords of diffusion.py's sample_progressive / sample / reconstruct."""
+        return {
+            "sampler": self.sampler,
+            "steps": self.steps,
+            "eta": self.eta,
+            "s_churn": self.s_churn,
+            "guidance": self.guidance,
+        }
+
 
 @dataclass(frozen=True)
 class GuidedSamplingSettings(SamplerChoice):

@@ -99,12 +99,8 @@ def reconstruction_trajectory(
         originals,
         t,
         generator=generator,
-        sampler=sampling.sampler,
-        steps=sampling.steps,
-        eta=sampling.eta,
-        s_churn=sampling.s_churn,
         labels=labels,
-        guidance=sampling.guidance,
+        **sampling.sampler_options(),
     )
     total = len(diffusion.timesteps(sampling.sampler, sampling.steps, t)) + 1
     return record_steps(sampler_steps, originals, total)
@@ -128,14 +124,10 @@ def generation_trajectory(
     device = diffusion.betas.device
     sampler_steps = diffusion.sample_progressive(
         model,
-        sampler=sampling.sampler,
-        steps=sampling.steps,
-        eta=sampling.eta,
-        s_churn=sampling.s_churn,
         generator=sample_generators(seed, samples, device),
         labels=labels,
-        guidance=sampling.guidance,
         x_start=starting_noise(samples.stop, image_shape, seed)[samples.start :],
+        **sampling.sampler_options(),
     )
     return record_steps(sampler_steps, None, total, progress)
 
