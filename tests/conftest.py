@@ -17,12 +17,24 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+
 from helpers import TINY_IMAGES, TINY_TRAINING_STEPS, broken_copy, tiny_config, train_tiny  # noqa: E402
 
 from ddpm.datasets import sources as data_sources  # noqa: E402
 from ddpm.datasets.idx import write_idx  # noqa: E402
 from ddpm.datasets.sources import load_images  # noqa: E402
 from ddpm.plumbing.checkpointing import CHECKPOINT_VERSION, save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread in every test module (whatever a test changed it to): the same kernels
+    in-process and in the CLI and torchrun subprocesses, and on the shared 2-core machine two threads
+    per process oversubscribe the cores (measured ~1 s vs 0.15 s per tiny training step under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

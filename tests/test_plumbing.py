@@ -31,14 +31,6 @@ from ddpm.plumbing.runtime import choose_device, plan_speed
 ODD_PATH = 'runs/a "quoted" \\ back-slashed, tabbed\tfolder ü 🙂'  # TOML escapes and non-ASCII text
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path

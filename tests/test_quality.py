@@ -38,14 +38,6 @@ EVAL_SAMPLES = "20"
 IMAGES_PER_STEP = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_split(folder: Path, split: str, count: int) -> None:
     """`count` MNIST-5k digits of a split, spread over the classes, as IDX files."""
     images, labels = load_images("mnist-5k", split)

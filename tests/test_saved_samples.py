@@ -33,15 +33,6 @@ NUM_SAMPLES = 12
 ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: the same kernels in-process and in the torchrun subprocesses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def eval_argv(checkpoint: Path, folder: Path, save: str, *extra: str) -> list[str]:
     """A quick evaluation: 12 DDPM samples (fresh noise at each of the 100 steps), classifier metrics."""
     return ["--checkpoint", str(checkpoint), "--num-samples", str(NUM_SAMPLES), "--sampler", "ddpm",

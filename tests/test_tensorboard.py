@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import tiny_train_argv
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -31,14 +30,6 @@ SCALARS = ("loss", "lr", "grad_norm", "img_per_s")  # train_log.csv's columns af
 # the decimals train_log.csv keeps of each (lr: 4 significant digits, relative)
 CSV_PRECISION = {"loss": 1e-6, "grad_norm": 1e-4, "img_per_s": 0.1}
 KEEP_ALL = {event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0, event_accumulator.TENSORS: 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(data: Path, out_dir: Path, *flags: str) -> None:

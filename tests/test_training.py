@@ -62,15 +62,6 @@ EVENTS = "events.out.tfevents.*"  # rank 0's TensorBoard event file, one per sta
 TORCHRUN_STEPS = 24  # the torchrun runs' length: room for a SIGTERM after step 2 to land before the end
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: fast on a busy 2-core box, and the same kernels in-process and in subprocesses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_argv(data: Path, out_dir: Path, *extra: str) -> list[str]:
     """A tiny run (helpers.tiny_train_argv) that logs every step."""
     return tiny_train_argv(data, out_dir, "--log-every", "1", *extra)

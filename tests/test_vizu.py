@@ -27,16 +27,6 @@ from diffusion import GaussianDiffusion
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread while this module runs: on the shared 2-core machine two threads per process
-    oversubscribe the cores (measured ~1 s vs 0.15 s per tiny training step under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_reconstruction_writes_every_file(tiny_checkpoint, tmp_path, mnist_5k_test):
     # ddim from t = 30 in 8 evaluations: 30, 26, 21, 17, 13, 9, 4, 0, then the finished image (t = -1)
     run_vizu(tiny_checkpoint, tmp_path, "--index 0,5,7 --t 30 --sampler ddim --steps 8")
