@@ -2,7 +2,8 @@
 
 Follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (arXiv:2006.11239), with the
 cosine schedule of Nichol & Dhariwal 2021 (arXiv:2102.09672), DDIM of Song et al. 2021
-(arXiv:2010.02502), v-prediction of Salimans & Ho 2022 (arXiv:2202.00512), min-SNR weighting of
+(arXiv:2010.02502), v-prediction of Salimans & Ho 2022 (arXiv:2202.00512), the network preconditioning
+of Karras et al. 2022 (EDM, arXiv:2206.00364, Table 1) on this discrete schedule, min-SNR weighting of
 Hang et al. 2023 (arXiv:2303.09556), the learned variance and hybrid loss of Nichol & Dhariwal
 (eq. 15, section 3.1) with their respaced sampling in fewer steps (section 4), DPM-Solver++ of Lu et
 al. 2022 (arXiv:2211.01095), the Heun sampler of Karras et al. 2022 (arXiv:2206.00364),
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SCHEDULES = ("cosine", "linear")
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "edm")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "heun")
 # The samplers' noise: one generator, or one per sample (row i of every draw from generator i)
 Generators = torch.Generator | list[torch.Generator] | None
@@ -42,6 +43,7 @@ KARRAS_RHO = 7.0  # rho of Karras et al. eq. 5
 KARRAS_SIGMA_MAX = 80.0  # Karras et al.'s largest sigma (Table 1), in x / sqrt(alpha_bar) units
 REPAINT_JUMP_LENGTH, REPAINT_RESAMPLES = 10, 10  # j and r of Lugmayr et al., section 4.2
 SLERP_MIN_SIN = 1e-6  # below this sin(angle), slerp falls back to linear interpolation
+EDM_SIGMA_DATA = 0.5  # sigma_data of Karras et al. (Table 1): the data's standard deviation assumed
 COSINE_OFFSET = 0.008  # s in Nichol & Dhariwal eq. 17
 MAX_BETA = 0.999  # clip of the cosine betas (Nichol & Dhariwal, section 3.2)
 LINEAR_BETA_START, LINEAR_BETA_END = 1e-4, 0.02  # Ho et al. section 4, scaled for T = 1000
@@ -68,6 +70,18 @@ def make_betas(schedule: str, T: int) -> np.ndarray:
         alpha_bar = cosine_alphas_cumprod(T)
         return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], MAX_BETA)  # Nichol & Dhariwal eq. 17
     raise ValueError(f"unknown schedule {schedule!r}: choose one of {SCHEDULES}")
+
+
+def edm_coefficients(alphas_cumprod: np.ndarray, sigma_data: float) -> dict[str, np.ndarray]:
+    """Karras et al.'s c_in, c_skip and c_out (Table 1) as multipliers of x_t and F, per index t:
+    edm_input_scale = 1 / D_t, edm_skip = s^2 sqrt(alpha_bar) / D_t^2, edm_out = s sqrt(1 - alpha_bar) / D_t,
+    with D_t^2 = 1 - alpha_bar + s^2 alpha_bar (GaussianDiffusion's docstring derives them)."""
+    variance = 1 - alphas_cumprod + sigma_data**2 * alphas_cumprod
+    return {
+        "edm_input_scale": 1 / np.sqrt(variance),
+        "edm_skip": sigma_data**2 * np.sqrt(alphas_cumprod) / variance,
+        "edm_out": sigma_data * np.sqrt(1 - alphas_cumprod) / np.sqrt(variance),
+    }
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -137,6 +151,17 @@ class GaussianDiffusion(nn.Module):
     prediction and then the v of eq. 15, the reverse variance Sigma = exp(v log beta + (1 - v) log
     beta_tilde) with v = (output + 1) / 2 per dimension, trained by L_hybrid; without it Sigma =
     beta_tilde (Ho et al.'s fixed choice).
+
+    prediction: what the network outputs: eps (Ho et al.), v (Salimans & Ho), or edm, the F of
+    Karras et al.'s preconditioning (Table 1) on this schedule. With sigma_t = sqrt((1 - alpha_bar) /
+    alpha_bar), y = x_t / sqrt(alpha_bar) = x_0 + sigma_t eps, and s = EDM_SIGMA_DATA, their denoiser
+    D(y) = c_skip y + c_out F(c_in y) with c_skip = s^2 / (sigma^2 + s^2), c_out = sigma s /
+    sqrt(sigma^2 + s^2), c_in = 1 / sqrt(sigma^2 + s^2) reads, in x_t and D_t^2 = 1 - alpha_bar +
+    s^2 alpha_bar (x_t's variance when x_0's is s^2):
+        network input x_t / D_t,  x0_hat = s^2 sqrt(alpha_bar) x_t / D_t^2 + s sqrt(1 - alpha_bar) F / D_t,
+    and F's target (x_0 - c_skip y) / c_out = (sqrt(1 - alpha_bar) x_0 - s^2 sqrt(alpha_bar) eps) / (s D_t),
+    regressed with weight 1 (their lambda(sigma) = 1 / c_out^2 on x0_hat's error). c_noise stays the
+    integer t of the time embedding. With s = 1 this is v-prediction with F = -v.
     """
 
     # the schedule buffers, each [T] float32 (registered in __init__, named as in improved-diffusion)
@@ -150,6 +175,9 @@ class GaussianDiffusion(nn.Module):
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
     log_betas: torch.Tensor
+    edm_input_scale: torch.Tensor
+    edm_skip: torch.Tensor
+    edm_out: torch.Tensor
 
     def __init__(
         self, T: int = 1000, schedule: str = "cosine", prediction: str = "eps", learn_sigma: bool = False
@@ -180,6 +208,7 @@ class GaussianDiffusion(nn.Module):
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1 - alphas_cumprod),
             "posterior_mean_coef2": (1 - alphas_cumprod_prev) * np.sqrt(1 - betas) / (1 - alphas_cumprod),
             "log_betas": np.log(betas),  # the upper end of the learned log-variance (eq. 15)
+            **edm_coefficients(alphas_cumprod, EDM_SIGMA_DATA),
         }
         for name, values in coefficients.items():
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32), persistent=False)
@@ -262,16 +291,24 @@ class GaussianDiffusion(nn.Module):
     # ----- what the network predicts ------------------------------------------------------------
 
     def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The regression target: eps, or v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0."""
+        """The regression target: eps, v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, or edm's F."""
         if self.prediction == "eps":
             return noise
-        return (
-            extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
-            - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
-        )
+        sqrt_ab = extract(self.sqrt_alphas_cumprod, t, x0.shape)
+        sqrt_one_minus_ab = extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape)
+        if self.prediction == "v":
+            return sqrt_ab * noise - sqrt_one_minus_ab * x0
+        # edm: F = (sqrt(1 - alpha_bar) x_0 - s^2 sqrt(alpha_bar) eps) / (s D_t), 1 / D_t = edm_input_scale
+        scale = extract(self.edm_input_scale, t, x0.shape) / EDM_SIGMA_DATA
+        return scale * (sqrt_one_minus_ab * x0 - EDM_SIGMA_DATA**2 * sqrt_ab * noise)
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
-        """Invert eq. 4 for x_0 given the network's eps (or v) prediction."""
+        """Invert eq. 4 for x_0 given the network's eps (or v) prediction; edm: D = c_skip y + c_out F."""
+        if self.prediction == "edm":
+            return (
+                extract(self.edm_skip, t, x_t.shape) * x_t
+                + extract(self.edm_out, t, x_t.shape) * model_output
+            )
         sqrt_ab = extract(self.sqrt_alphas_cumprod, t, x_t.shape)
         sqrt_one_minus_ab = extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
         if self.prediction == "eps":
@@ -311,15 +348,23 @@ class GaussianDiffusion(nn.Module):
         """(eps or v, guided as in model_output; the variance output of eq. 15 or None), each
         [B, C, H, W]. Guidance mixes only the eps (or v) half: the variance is the conditional one's."""
         if labels is None or guidance == 1.0:
-            return self.split_output(model(x_t, t, labels))
+            return self.split_output(self.network(model, x_t, t, labels))
         null_labels = torch.full_like(labels, cast(int, model.num_classes))  # the U-Net's null label
-        both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null_labels]))
+        both = self.network(model, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null_labels]))
         conditional, unconditional = both.chunk(2)
         (prediction, variance_output), (null_prediction, _) = (
             self.split_output(conditional),
             self.split_output(unconditional),
         )
         return null_prediction + guidance * (prediction - null_prediction), variance_output
+
+    def network(
+        self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The raw network output for x_t: the U-Net sees x_t, or with edm x_t / D_t (c_in y)."""
+        if self.prediction == "edm":
+            x_t = extract(self.edm_input_scale, t, x_t.shape) * x_t
+        return model(x_t, t, labels)
 
     def split_output(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The network's output [B, C or 2C, H, W] as (eps or v [B, C, H, W], the raw variance output
@@ -455,16 +500,25 @@ class GaussianDiffusion(nn.Module):
         """
         noise = _randn_like(x0, generator) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
-        prediction, variance_output = self.split_output(model(x_t, t, labels).float())
+        prediction, variance_output = self.split_output(self.network(model, x_t, t, labels).float())
         target = self.training_target(x0, t, noise)
         per_example = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         if min_snr_gamma is not None:
-            snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
-            clipped = snr.clamp(max=min_snr_gamma)
-            per_example = per_example * (clipped / snr if self.prediction == "eps" else clipped / (snr + 1))
+            per_example = per_example * self.min_snr_weights(t, min_snr_gamma)
         if variance_output is None:
             return per_example
         return per_example + self.hybrid_vb_term(x0, x_t, t, prediction, variance_output)
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Hang et al.'s weight of x0_hat's squared error, min(SNR_t, gamma), SNR_t = alpha_bar / (1 -
+        alpha_bar), written on the network's output (x0_hat's error = its error times d x0_hat / d output):
+        min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v (their eq. 9), min(SNR, gamma)
+        c_out^2 for edm. t: [B] -> [B]."""
+        snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+        clipped = snr.clamp(max=gamma)
+        if self.prediction == "edm":
+            return clipped * self.edm_out[t] ** 2
+        return clipped / snr if self.prediction == "eps" else clipped / (snr + 1)
 
     def hybrid_vb_term(
         self,

@@ -5,8 +5,10 @@ trainer of trainer.py; the command is printed and recorded) followed by `eval_MN
 classifier --num-samples N` on its last.pt (evaluation.evaluate): a 1.13M U-Net whose widths grow
 where the feature maps are small, v-prediction (Salimans & Ho 2022, arXiv:2202.00512), min-SNR-5
 (Hang et al. 2023, arXiv:2303.09556), batch 128, AdamW 2e-3 with a cosine decay that reaches 0 when
-the budget does, EMA 0.999 with warm-up, bf16 autocast; sampled with DDIM 50 steps (Song et al.
-2021, arXiv:2010.02502) from the EMA weights.
+the budget does, EMA 0.999 with warm-up, bf16 autocast; sampled from the EMA weights with
+eval_MNIST.py's default, Heun with 50 model evaluations (Karras et al. 2022, arXiv:2206.00364,
+Algorithm 1), or --sampler / --steps. --train-flags adds train_MNIST.py flags after the preset's, for
+ablations (docs/benchmarks.md).
 With --reference, the tuned diffusers set-up trains under the same budget in the same process and
 is judged by the same code (scoring.classifier_scores): UNet2DModel (32, 64, 64), 1 layer per
 block, no block attention (1,062,497 parameters), DDPMScheduler cosine ("squaredcos_cap_v2"),
@@ -25,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 
@@ -48,6 +51,7 @@ from ddpm.plumbing.settings import CLOCKS, DataSettings, RuntimeSettings, Sampli
 from ddpm.training.clocks import CLOCK_READERS, SECONDS_PER_MINUTE
 from ddpm.training.trainer import train
 from ddpm.visualisation.pictures import save_image_grid
+from diffusion import SAMPLERS
 from model import count_parameters
 
 REFERENCE_LR = 2e-3
@@ -73,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile ours (in budget)",
     )
     add("--reference", action=argparse.BooleanOptionalAction, default=False, help="also train diffusers")
+    add(
+        "--train-flags",
+        default="",
+        help="more train_MNIST.py flags for our side, after the preset's, e.g. '--prediction edm'",
+    )
+    add("--sampler", choices=SAMPLERS, default=SamplingSettings.sampler, help="our side's sampler")
+    add("--steps", type=positive_int, default=SAMPLING_STEPS, help="our side's model evaluations per sample")
     add("--num-samples", type=positive_int, default=1000, help="samples judged per set-up")
     add("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add("--seed", type=int, default=0, help="seed of weights, data order, noise and sampling")
@@ -98,7 +109,7 @@ def ours_flags(args: argparse.Namespace, out_dir: Path) -> list[str]:
         args.clock,
     ]
     flags += ["--seed", str(args.seed), "--device", args.device, "--out-dir", str(out_dir)]
-    return flags + (["--compile", "on"] if args.compile else [])
+    return flags + (["--compile", "on"] if args.compile else []) + shlex.split(args.train_flags)
 
 
 def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
@@ -114,11 +125,13 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
         metrics=("classifier",),
         json=str(out_dir / "ours_eval.json"),
     )
-    command = f"eval_MNIST.py --checkpoint {checkpoint} --num-samples {args.num_samples} --metrics classifier"
+    command = (
+        f"eval_MNIST.py --checkpoint {checkpoint} --num-samples {args.num_samples} --metrics classifier "
+        f"--sampler {args.sampler} --steps {args.steps} --seed {args.seed}"
+    )
+    sampling = SamplingSettings(sampler=args.sampler, steps=args.steps)
     report = as_json(
-        evaluate(
-            settings, SamplingSettings(), RuntimeSettings(device=args.device), DataSettings(None), command
-        )
+        evaluate(settings, sampling, RuntimeSettings(device=args.device), DataSettings(None), command)
     )
     return {
         "train_command": "train_MNIST.py " + " ".join(flags),
@@ -219,8 +232,8 @@ def run_reference(args: argparse.Namespace, out_dir: Path, device: torch.device)
 
 def print_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
     print(
-        f"\n{args.minutes:g} {args.clock}-clock minutes of training each, {args.num_samples} samples, "
-        f"DDIM {SAMPLING_STEPS} steps"
+        f"\n{args.minutes:g} {args.clock}-clock minutes of training each, {args.num_samples} samples; ours: "
+        f"{args.sampler} {args.steps} evaluations, diffusers: DDIM {SAMPLING_STEPS} steps"
     )
     print(
         f"{'set-up':<20}{'steps':>7}{'confidence':>11}{'min class':>10}{'precision':>10}"

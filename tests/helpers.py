@@ -15,7 +15,7 @@ from torch import nn
 import vizu_MNIST
 from ddpm.datasets.sources import load_images
 from ddpm.plumbing.checkpointing import build_model
-from diffusion import GaussianDiffusion
+from diffusion import EDM_SIGMA_DATA, GaussianDiffusion
 
 TINY_MODEL_CONFIG = {
     "in_channels": 1,
@@ -131,7 +131,12 @@ MU, SIGMA = 0.1, 0.2  # every pixel of the Gaussian test data is N(MU, SIGMA^2)
 
 
 class GaussianOracle(nn.Module):
-    """The exact E[eps | x_t] (or E[v | x_t]) when every pixel of x0 is N(mu, s^2) independently."""
+    """The exact E[eps | x_t] (or E[v | x_t], or the F of Karras et al.'s preconditioning) when every
+    pixel of x0 is N(mu, s^2) independently.
+
+    edm, in the paper's own terms (Table 1), not diffusion.py's: the network sees c_in y with
+    y = x_t / sqrt(alpha_bar), sigma^2 = (1 - alpha_bar) / alpha_bar, and answers
+    F = (E[x0 | y] - c_skip y) / c_out."""
 
     def __init__(self, diffusion: GaussianDiffusion, mu: float, s: float):
         super().__init__()
@@ -140,6 +145,9 @@ class GaussianOracle(nn.Module):
     def forward(self, x_t, t, labels=None):
         alpha_bar = self.diffusion.alphas_cumprod.double()[t].reshape(-1, 1, 1, 1)
         x_t = x_t.double()
+        if self.diffusion.prediction == "edm":
+            sigma_squared, data_squared = (1 - alpha_bar) / alpha_bar, EDM_SIGMA_DATA**2
+            x_t = x_t * (sigma_squared + data_squared).sqrt() * alpha_bar.sqrt()  # input / c_in = y
         eps = (
             (1 - alpha_bar).sqrt()
             * (x_t - alpha_bar.sqrt() * self.mu)
@@ -148,7 +156,11 @@ class GaussianOracle(nn.Module):
         if self.diffusion.prediction == "eps":
             return eps.float()
         x0 = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-        return (alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0).float()
+        if self.diffusion.prediction == "v":
+            return (alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0).float()
+        c_skip = data_squared / (sigma_squared + data_squared)
+        c_out = sigma_squared.sqrt() * EDM_SIGMA_DATA / (sigma_squared + data_squared).sqrt()
+        return ((x0 - c_skip * x_t / alpha_bar.sqrt()) / c_out).float()
 
 
 def oracle_affine(alpha_bar: float, mu: float, s: float) -> tuple[float, float, float, float]:

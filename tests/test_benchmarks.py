@@ -73,7 +73,7 @@ def test_colour_training_writes_pngs_trains_and_summarises_the_loss(tmp_path):
 
 def test_sampling_speed_times_each_batch_size(tiny_checkpoint, tmp_path):
     argv = ["--checkpoint", str(tiny_checkpoint), "--num-samples", "4", "--batch-sizes", "2,4",
-            "--steps", "2", "--repeats", "1", "--warmup-steps", "1", "--device", "cpu",
+            "--sampler", "ddim", "--steps", "2", "--repeats", "1", "--warmup-steps", "1", "--device", "cpu",
             "--json", str(tmp_path / "s.json")]  # fmt: skip
     run_quietly(sampling_speed.main, argv)
     report = json.loads((tmp_path / "s.json").read_text())

@@ -315,9 +315,9 @@ def test_train_resume_evaluate_and_draw_at_the_data_shape(kind, tmp_path, monkey
 
     metrics = "classifier,recon" if kind == "pngs" else "recon"
     report_path = tmp_path / "eval.json"
-    eval_MNIST.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--num-samples", "4", "--steps", "2",
-                     "--metrics", metrics, "--num-recon", "2", "--recon-t", "3,9", "--device", "cpu",
-                     "--json", str(report_path)])  # fmt: skip
+    eval_MNIST.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--num-samples", "4",
+                     "--sampler", "ddim", "--steps", "2", "--metrics", metrics, "--num-recon", "2",
+                     "--recon-t", "3,9", "--device", "cpu", "--json", str(report_path)])  # fmt: skip
     report = json.loads(report_path.read_text())
     assert set(report["metrics"]["reconstruction"]["per_t"]) == {"3", "9"}
     if kind == "pngs":  # two classes: a 3 x 16 x 16 classifier was trained for them

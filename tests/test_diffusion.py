@@ -162,7 +162,7 @@ def test_q_posterior_equals_product_of_gaussians():
         torch.testing.assert_close(mean[i].double(), expected_mean, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "edm"])
 def test_predict_x0_inverts_q_sample(prediction):
     diffusion = GaussianDiffusion(T=1000, prediction=prediction)
     x0, noise = torch.rand(5, 1, 8, 8) * 2 - 1, torch.randn(5, 1, 8, 8)
@@ -242,8 +242,9 @@ def assert_moments_match(sampled, exact_mean, exact_std):
     assert std == pytest.approx(exact_std, abs=5 * exact_std / math.sqrt(2 * n))
 
 
-def test_ddpm_matches_exact_propagation_and_recovers_the_data():
-    diffusion = GaussianDiffusion(T=1000, schedule="cosine")
+@pytest.mark.parametrize("prediction", ["eps", "edm"])
+def test_ddpm_matches_exact_propagation_and_recovers_the_data(prediction):
+    diffusion = GaussianDiffusion(T=1000, schedule="cosine", prediction=prediction)
     exact_mean, exact_std = propagate_ddpm(diffusion.alphas_cumprod.double().numpy(), MU, SIGMA)
     assert_moments_match(sample_moments(diffusion, "ddpm", None), exact_mean, exact_std)
     assert exact_std == pytest.approx(SIGMA, rel=0.02) and exact_mean == pytest.approx(MU, abs=0.002)
@@ -251,7 +252,7 @@ def test_ddpm_matches_exact_propagation_and_recovers_the_data():
 
 @pytest.mark.parametrize("steps", [10, 20, 50])
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "edm"])
 def test_fast_samplers_match_exact_propagation(sampler, steps, prediction):
     diffusion = GaussianDiffusion(T=1000, schedule="cosine", prediction=prediction)
     timesteps = diffusion.timesteps(sampler, steps, 999)
@@ -422,7 +423,7 @@ def test_heun_timesteps_span_every_start(T):
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 @pytest.mark.parametrize("steps", [4, 10, 20, 50])
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "edm"])
 def test_heun_matches_exact_propagation_sample_by_sample(schedule, steps, prediction):
     """Deterministic, so each sample is b + a x_T of the closed form, within 5e-4 (1 + |a|): float32,
     and the oracle's x0_hat at T-1, where sqrt(alpha_bar) = 4.9e-5 on the cosine schedule."""

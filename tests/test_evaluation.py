@@ -113,6 +113,8 @@ def evaluation(tiny_checkpoint, classifier_path, tmp_path_factory) -> dict:
         str(tiny_checkpoint),
         "--num-samples",
         str(NUM_SAMPLES),
+        "--sampler",
+        "ddim",
         "--steps",
         "4",
         "--classifier",
@@ -534,7 +536,7 @@ def test_ddpm_and_dpm_solver_evaluate_and_reconstruct(sampler, steps, tiny_check
 
 def test_sampling_is_reproducible_with_the_seed(tiny_checkpoint):
     model, diffusion, _ = load_for_inference(tiny_checkpoint, torch.device("cpu"))
-    options = {"sampling": SamplingSettings(steps=2), "image_shape": (1, 28, 28), "seed": 0,
+    options = {"sampling": SamplingSettings(sampler="ddim", steps=2), "image_shape": (1, 28, 28), "seed": 0,
                "device": torch.device("cpu"), "batch_size": 2}  # fmt: skip
     first, labels = sampling.generate_samples(model, diffusion, 3, **options)
     second, _ = sampling.generate_samples(model, diffusion, 3, **options)
@@ -550,8 +552,8 @@ def test_amp_flag_sets_the_unet_dtype_and_the_chain_stays_float32(tiny_checkpoin
     output_dtypes = set()
     model.register_forward_hook(lambda module, inputs, output: output_dtypes.add(output.dtype))
     samples, _ = sampling.generate_samples(
-        model, diffusion, 4, sampling=SamplingSettings(steps=3), image_shape=(1, 28, 28), seed=0,
-        device=torch.device("cpu"), amp=amp, batch_size=4,
+        model, diffusion, 4, sampling=SamplingSettings(sampler="ddim", steps=3), image_shape=(1, 28, 28),
+        seed=0, device=torch.device("cpu"), amp=amp, batch_size=4,
     )  # fmt: skip
     assert output_dtypes == {network_dtype}
     assert samples.dtype == torch.float32 and torch.isfinite(samples).all()
@@ -581,7 +583,7 @@ def test_evaluation_runs_with_a_compiled_unet(tiny_checkpoint, classifier_path, 
     settings = EvaluationSettings(checkpoint=str(tiny_checkpoint), num_samples=4, metrics=("classifier",),
                                   classifier=str(classifier_path), json=str(tmp_path / "r.json"),
                                   recon_t=(5,), num_recon=2, num_nll=2)  # fmt: skip
-    sampling_settings = SamplingSettings(steps=2)
+    sampling_settings = SamplingSettings(sampler="ddim", steps=2)
     plan = plan_speed("none", "off", "auto", "off", device)
     loaded = load_model(settings, sampling_settings, plan, device)
     compiled = replace(loaded, network=LikeCompiled(loaded.network))
@@ -611,6 +613,8 @@ def test_conditional_model_gets_cas_and_a_grid_row_per_class(tmp_path, tiny_chec
             str(tmp_path / "c.pt"),
             "--num-samples",
             "20",
+            "--sampler",
+            "ddim",
             "--steps",
             "2",
             "--guidance",
@@ -639,9 +643,9 @@ def test_a_glob_of_epoch_checkpoints_gives_the_curve_csv_and_png(tiny_checkpoint
     save_checkpoint(checkpoint, tmp_path / "mnist_epoch_01.pt")
     out = tmp_path / "out"
     stdout, _ = run_eval(
-        ["--checkpoint", str(tmp_path / "mnist_epoch_*.pt"), "--num-samples", "10", "--steps", "2",
-         "--metrics", "classifier", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
-         "--device", "cpu"]
+        ["--checkpoint", str(tmp_path / "mnist_epoch_*.pt"), "--num-samples", "10",
+         "--sampler", "ddim", "--steps", "2", "--metrics", "classifier", "--out-dir", str(out),
+         "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
     )  # fmt: skip
     with open(out / "training_curve.csv") as table:
         rows = list(csv.DictReader(table))
@@ -720,7 +724,7 @@ def test_too_few_samples_fail_in_one_line_before_any_sampling(
     """Precision/recall need more than k = 3 images per set, FID two: --num-samples below that stops
     at once (the tiny model draws 40 samples in seconds; this takes well under that), with no grid."""
     argv = ["--checkpoint", str(tiny_checkpoint), "--num-samples", num_samples, "--metrics", metrics,
-            "--steps", "50", "--out-dir", str(tmp_path), "--device", "cpu"]  # fmt: skip
+            "--sampler", "ddim", "--steps", "50", "--out-dir", str(tmp_path), "--device", "cpu"]  # fmt: skip
     start = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: eval_MNIST.main(argv))
@@ -819,6 +823,8 @@ def test_inception_metrics_go_through_torch_fidelity_with_local_weights(
             str(tiny_checkpoint),
             "--num-samples",
             "10",
+            "--sampler",
+            "ddim",
             "--steps",
             "2",
             "--metrics",
@@ -854,8 +860,8 @@ def test_no_ema_evaluates_the_raw_weights(tiny_checkpoint, tmp_path):
     for flag in ("--ema", "--no-ema"):
         json_path = tmp_path / f"{flag}.json"
         argv = ["--checkpoint", str(tiny_checkpoint), "--metrics", "recon", "--recon-t", "5", "--num-recon",
-                "8", "--steps", "4", "--num-samples", "10", "--json", str(json_path), "--device", "cpu",
-                flag]  # fmt: skip
+                "8", "--sampler", "ddim", "--steps", "4", "--num-samples", "10", "--json", str(json_path),
+                "--device", "cpu", flag]  # fmt: skip
         run_eval(argv)
         report = json.loads(json_path.read_text())
         weights = report["provenance"]["checkpoint"]["weights"]

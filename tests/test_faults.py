@@ -345,8 +345,9 @@ def test_a_kill_while_eval_writes_its_report_leaves_none(
     kill_while_writing(monkeypatch, "report.json", limit=50)
     with pytest.raises(KeyboardInterrupt):
         eval_MNIST.main(["--checkpoint", str(tiny_checkpoint), "--num-samples", "2", "--metrics",
-                         "memorisation,recon", "--num-recon", "2", "--recon-t", "5", "--steps", "2",
-                         "--device", "cpu", "--json", str(tmp_path / "report.json")])  # fmt: skip
+                         "memorisation,recon", "--num-recon", "2", "--recon-t", "5",
+                         "--sampler", "ddim", "--steps", "2", "--device", "cpu",
+                         "--json", str(tmp_path / "report.json")])  # fmt: skip
     monkeypatch.undo()
     assert (tmp_path / "report_samples.png").is_file()  # written before the report
     assert not (tmp_path / "report.json").exists() and temp_files(tmp_path) == []

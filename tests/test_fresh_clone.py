@@ -69,7 +69,18 @@ def test_without_checkpoints_eval_and_vizu_use_the_demo_with_one_note(tmp_path, 
     import vizu_MNIST
 
     monkeypatch.chdir(tmp_path)  # no checkpoints/ here
-    flags = ["--num-samples", "10", "--steps", "2", "--metrics", "classifier", "--device", "cpu"]
+    flags = [
+        "--num-samples",
+        "10",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--metrics",
+        "classifier",
+        "--device",
+        "cpu",
+    ]
     _, err = run_quietly(eval_MNIST.main, flags)
     notes = [line for line in err.splitlines() if "demo model" in line]
     assert len(notes) == 1 and notes[0].startswith("note: no checkpoint in checkpoints/")

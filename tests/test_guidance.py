@@ -52,8 +52,8 @@ def test_cas_is_above_chance_for_a_model_trained_for_it(trained_conditional_chec
     1,000 real test digits."""
     json_path = tmp_path / "cas.json"
     run_eval(["--checkpoint", str(trained_conditional_checkpoint), "--metrics", "cas", "--num-samples",
-              str(NUM_SAMPLES), "--steps", "10", "--guidance", "3", "--cas-epochs", "40", "--json",
-              str(json_path), "--device", "cpu"])  # fmt: skip
+              str(NUM_SAMPLES), "--sampler", "ddim", "--steps", "10", "--guidance", "3", "--cas-epochs", "40",
+              "--json", str(json_path), "--device", "cpu"])  # fmt: skip
     cas = json.loads(json_path.read_text())["metrics"]["cas"]
     assert cas["num_train"] == NUM_SAMPLES and cas["num_test"] == 1000
     assert cas["cas_accuracy"] > CHANCE + 0.1

@@ -24,6 +24,7 @@ from ddpm.plumbing.messages import USER_ERROR_EXIT_CODE, UserError
 
 SEED_LIMIT = 2**32 - 1  # NumPy's legacy seeding takes [0, 2**32 - 1]
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the largest flag value a tensor takes
+NONE_WORD = "none"  # what a flag of positive_float_or_none takes to mean None
 
 
 def run_cli(main: Callable[[], None]) -> None:
@@ -142,12 +143,30 @@ def at_most_float32_max(value: float, text: str) -> float:
     return value
 
 
+def positive_float_or_none(text: str) -> float | None:
+    """argparse type: a float > 0, or "none" (off: a preset's value switched off on the command line)."""
+    return None if text.lower() == NONE_WORD else positive_float(text)
+
+
 def fraction(text: str) -> float:
     """argparse type: a float in [0, 1)."""
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
+
+
+def float_strictly_between(low: float, high: float) -> Callable[[str], float]:
+    """argparse type: a float in the open interval (low, high)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not low < value < high:
+            raise argparse.ArgumentTypeError(f"must be in ({low:g}, {high:.4g}), got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
 
 
 def int_tuple(text: str) -> tuple[int, ...]:

@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Self
 from ddpm.datasets.checks import NUM_CLASSES
 from ddpm.datasets.sources import DATA_SETS, flips_by_default
 from ddpm.plumbing.cli import (
+    NONE_WORD,
+    float_strictly_between,
     fraction,
     int_between,
     int_tuple,
@@ -30,6 +32,7 @@ from ddpm.plumbing.cli import (
     non_negative_float_tuple,
     non_negative_int,
     positive_float,
+    positive_float_or_none,
     positive_int,
     seed_number,
 )
@@ -39,7 +42,8 @@ from diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 
 LR_SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "cpu")
-TIMESTEP_SAMPLERS = ("uniform", "loss-aware")  # ddpm/training/timestep_sampler.py
+TIMESTEP_SAMPLERS = ("uniform", "loss-aware", "log-normal")  # ddpm/training/timestep_sampler.py
+MAX_EMA_SIGMA_REL = (1 / 12) ** 0.5  # the power EMA's sigma_rel at exponent gamma = 0 (a plain average)
 # Upper limits of the sizes, far above any useful value, so that a typo is one line, not an allocation
 # of terabytes: U-Net width, width multiplier per level, residual blocks per level, diffusion steps.
 MAX_MODEL_CHANNELS, MAX_CHANNEL_MULT, MAX_RES_BLOCKS, MAX_T = 1024, 16, 16, 100_000
@@ -90,8 +94,13 @@ class Settings:
             group.add_argument(flag_of(spec), **options)
 
     def flag_values(self) -> dict[str, Any]:
-        """{flag name without dashes: value} of every field: a config file's keys."""
-        return {flag_of(spec).removeprefix("--"): getattr(self, spec.name) for spec in fields(self)}
+        """{flag name without dashes: value} of every field: a config file's keys. None is written
+        "none" where the flag takes that word (so that it can override a preset's value)."""
+        return {flag_of(spec).removeprefix("--"): self._flag_value(spec) for spec in fields(self)}
+
+    def _flag_value(self, spec: Field[Any]) -> Any:
+        value = getattr(self, spec.name)
+        return NONE_WORD if value is None and spec.metadata["type"] is positive_float_or_none else value
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
@@ -183,7 +192,11 @@ class DiffusionSettings(Settings):
     TITLE = "diffusion (diffusion.py)"
     T: int = setting(1000, "diffusion steps", int_between(2, MAX_T), flag="--T")
     schedule: str = setting("cosine", "noise schedule", choices=SCHEDULES)
-    prediction: str = setting("eps", "what the network predicts", choices=PREDICTIONS)
+    prediction: str = setting(
+        "eps",
+        "what the network predicts: eps, v, or edm (Karras et al. 2022's preconditioned F, sigma_data 0.5)",
+        choices=PREDICTIONS,
+    )
     learn_sigma: bool = setting(
         False,
         "learn the reverse variance (Nichol & Dhariwal eq. 15; the U-Net outputs 2C channels) with "
@@ -221,14 +234,23 @@ class TrainingSettings(Settings):
     )
     grad_clip: float = setting(1.0, "clip the gradient norm to this", positive_float)
     ema_decay: float = setting(0.9999, "EMA decay, in [0, 1), reached after a warm-up", fraction)
+    ema_sigma_rel: float | None = setting(
+        None,
+        "EDM2's power-function EMA of this relative width, e.g. 0.1, instead of --ema-decay: its averaging "
+        "window grows with the run, for budgets of unknown length (Karras et al. 2024, section 3.1)",
+        float_strictly_between(0.0, MAX_EMA_SIGMA_REL),
+    )
     min_snr_gamma: float | None = setting(
-        None, "min-SNR loss weight gamma, e.g. 5 (default None: plain MSE)", positive_float
+        None,
+        "min-SNR loss weight gamma, e.g. 5, or none: plain MSE (edm: its own weighting)",
+        positive_float_or_none,
     )
     p_uncond: float = setting(0.1, "label dropout for classifier-free guidance, in [0, 1)", fraction)
     timestep_sampler: str = setting(
         "uniform",
-        "how t is drawn: uniform (Algorithm 1), or loss-aware, p_t ~ sqrt(E[L_t^2]) over the last 10 losses "
-        "of each t with losses weighted by 1/(T p_t) (Nichol & Dhariwal section 3.3)",
+        "how t is drawn: uniform (Algorithm 1); loss-aware, p_t ~ sqrt(E[L_t^2]) over the last 10 losses "
+        "of each t with losses weighted by 1/(T p_t) (Nichol & Dhariwal section 3.3); or log-normal, "
+        "ln sigma_t ~ N(-1.2, 1.2^2) (Karras et al. 2022, Table 1)",
         choices=TIMESTEP_SAMPLERS,
     )
     max_steps: int | None = setting(None, "also stop after this many steps", positive_int)
@@ -270,7 +292,7 @@ class SamplerChoice(Settings):
 
     TITLE = "sampling (diffusion.py)"
     sampler: str = setting(
-        "ddim",
+        "heun",
         "reverse process: ddpm (all T steps, or respaced to --steps), ddim, dpm++2m, or heun (Karras et al. "
         "2022: 2 evaluations per noise level, so at least 3 or 4)",
         choices=SAMPLERS,

@@ -10,13 +10,17 @@ NumPy, Python) are stored as tensors and plain values so the checkpoint loads wi
 generator seeded with data_seed + e, as DistributedSampler does.
 
 The EMA decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (the schedule of
-TensorFlow's ExponentialMovingAverage with num_updates), so early weights do not dominate. The count
+TensorFlow's ExponentialMovingAverage with num_updates), so early weights do not dominate. With
+--ema-sigma-rel it is EDM2's power function instead (Karras et al. 2024, arXiv:2312.02696, eq. 2 and
+section 3.1): update k = n + 1 uses decay (1 - 1/k)^(gamma + 1), which averages the weights of steps
+tau <= k with weights close to tau^gamma, a window that grows with the run; gamma is the root of
+sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), the width of that profile relative to k. The count
 n lives on the host: an update is one fused lerp over all weights and never waits for the GPU
 (`torch.optim.swa_utils.AveragedModel` keeps it in a device tensor, and reading it back each step
 stalled the CUDA queue).
 
 Example:
-    sampler = make_timestep_sampler("uniform", T=1000, device=device)
+    sampler = make_timestep_sampler("uniform", diffusion.alphas_cumprod, device)
     state = TrainingState.create(model, optimizer, scaler, 0.9999, data_seed=0, timestep_sampler=sampler)
     checkpoint = state.to_checkpoint(config, [capture_rng_states(device)])
     state.restore(load_checkpoint("checkpoints/last.pt"), "checkpoints/last.pt")
@@ -57,8 +61,22 @@ def ema_decay_after(n_averaged: int, max_decay: float) -> float:
     return min(max_decay, (1 + n_averaged) / (EMA_WARMUP_OFFSET + n_averaged))
 
 
+def power_ema_exponent(sigma_rel: float) -> float:
+    """EDM2's gamma for a relative width sigma_rel in (0, sqrt(1/12)): the largest real root of
+    (gamma + 2)^2 (gamma + 3) - (gamma + 1) / sigma_rel^2 = 0 (their sigma_rel_to_gamma)."""
+    inverse_square = sigma_rel**-2
+    roots = np.roots([1.0, 7.0, 16.0 - inverse_square, 12.0 - inverse_square])
+    return float(roots.real.max())
+
+
+def power_ema_decay_after(n_averaged: int, gamma: float) -> float:
+    """The power-function EMA's decay (1 - 1/k)^(gamma + 1) at update k = n_averaged + 1 (0 at k = 1)."""
+    return (1 - 1 / (n_averaged + 1)) ** (gamma + 1)
+
+
 class WarmupEMA:
-    """An exponential moving average of a model's floating-point weights with the warm-up decay above.
+    """An exponential moving average of a model's floating-point weights with the warm-up decay above,
+    or with sigma_rel EDM2's power-function decay.
 
     `module` is a frozen copy of the model. The first update copies the model's weights; update
     k + 1 blends them in with weight 1 - decay(k): ema <- ema + (1 - decay) (model - ema). The
@@ -66,19 +84,25 @@ class WarmupEMA:
     resume's load_state_dict), never replaces them.
     """
 
-    def __init__(self, model: nn.Module, max_decay: float):
+    def __init__(self, model: nn.Module, max_decay: float, sigma_rel: float | None = None):
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.max_decay = max_decay
+        self.power = None if sigma_rel is None else power_ema_exponent(sigma_rel)
         self.n_averaged = 0
         self.averaged, self.source = floating_tensors(self.module), floating_tensors(model)
+
+    def decay(self) -> float:
+        """The decay of the next update (n_averaged >= 1)."""
+        if self.power is None:
+            return ema_decay_after(self.n_averaged, self.max_decay)
+        return power_ema_decay_after(self.n_averaged, self.power)
 
     @torch.no_grad()
     def update(self) -> None:
         if self.n_averaged == 0:
             torch._foreach_copy_(self.averaged, self.source)
         else:
-            decay = ema_decay_after(self.n_averaged, self.max_decay)
-            torch._foreach_lerp_(self.averaged, self.source, 1 - decay)
+            torch._foreach_lerp_(self.averaged, self.source, 1 - self.decay())
         self.n_averaged += 1
 
 
@@ -154,9 +178,17 @@ class TrainingState:
 
     @classmethod
     def create(
-        cls, model, optimizer, scaler, ema_decay: float, data_seed: int, timestep_sampler: UniformSampler
+        cls,
+        model,
+        optimizer,
+        scaler,
+        ema_decay: float,
+        data_seed: int,
+        timestep_sampler: UniformSampler,
+        ema_sigma_rel: float | None = None,
     ) -> TrainingState:
-        return cls(model, WarmupEMA(model, ema_decay), optimizer, scaler, data_seed, timestep_sampler)
+        ema = WarmupEMA(model, ema_decay, ema_sigma_rel)
+        return cls(model, ema, optimizer, scaler, data_seed, timestep_sampler)
 
     def to_checkpoint(self, config: dict[str, Any], rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint dict; rng_states holds one entry per DDP rank (one without DDP)."""

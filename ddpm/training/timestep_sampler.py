@@ -1,5 +1,12 @@
 """Which timesteps a training step draws: uniformly (Algorithm 1 of Ho et al. 2020, arXiv:2006.11239),
-or by the importance sampling of Nichol & Dhariwal 2021 (arXiv:2102.09672, section 3.3).
+by the importance sampling of Nichol & Dhariwal 2021 (arXiv:2102.09672, section 3.3), or from the
+log-normal noise levels of Karras et al. 2022 (arXiv:2206.00364, Table 1).
+
+log-normal: ln sigma ~ N(P_mean = -1.2, P_std = 1.2) with sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t),
+mapped onto this schedule's discrete t: the t whose ln sigma_t is nearest (ln sigma_t grows with t, so
+each t receives the normal's mass between the midpoints to its neighbours; draws beyond either end go
+to t = 0 or T - 1). The weights are 1: the distribution is the training objective's, as in EDM, not an
+importance sampling of the uniform one.
 
 loss-aware: p_t proportional to sqrt(E[L_t^2]) over the last 10 losses seen at each t, uniform until
 every t has 10, and each example's loss re-weighted by 1 / (T p_t), so that the batch mean stays an
@@ -11,7 +18,7 @@ rank's losses, so the histories agree. The history (a [T, 10] ring per timestep 
 of the checkpoint, so a resume goes on bit for bit. Its update costs one device sync per step.
 
 Example (loop.py's training step):
-    sampler = make_timestep_sampler("loss-aware", T=1000, device=device)
+    sampler = make_timestep_sampler("loss-aware", diffusion.alphas_cumprod, device)
     t, weights = sampler.sample(batch_size, device)
     losses = diffusion.training_losses(network, x0, t, labels)
     sampler.update(t, losses, processes)
@@ -27,6 +34,7 @@ import torch
 from ddpm.plumbing.processes import Processes
 from ddpm.plumbing.settings import TIMESTEP_SAMPLERS
 
+LOG_NORMAL_MEAN, LOG_NORMAL_STD = -1.2, 1.2  # P_mean, P_std of Karras et al. (Table 1)
 HISTORY_PER_T = 10  # losses kept per timestep (Nichol & Dhariwal, section 3.3)
 UNIFORM_PROB = 0.001  # uniform share mixed into p (improved-diffusion's uniform_prob)
 
@@ -97,8 +105,27 @@ class LossAwareSampler(UniformSampler):
             self.count.copy_(state["count"])
 
 
-def make_timestep_sampler(kind: str, T: int, device: torch.device) -> UniformSampler:
-    """The sampler --timestep-sampler names: uniform or loss-aware."""
+class LogNormalSampler(UniformSampler):
+    """Karras et al.'s ln sigma ~ N(LOG_NORMAL_MEAN, LOG_NORMAL_STD^2), each draw at its nearest t."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        super().__init__(len(alphas_cumprod))
+        log_sigmas = 0.5 * (torch.log1p(-alphas_cumprod.double()) - alphas_cumprod.double().log())
+        self.boundaries = (log_sigmas[1:] + log_sigmas[:-1]) / 2  # [T - 1] midpoints, increasing
+
+    def sample(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t [batch] long, weights [batch] = 1) from the global RNG."""
+        log_sigma = LOG_NORMAL_MEAN + LOG_NORMAL_STD * torch.randn(batch, device=device, dtype=torch.float64)
+        t = torch.searchsorted(self.boundaries.to(device), log_sigma)
+        return t, torch.ones(batch, device=device)
+
+
+def make_timestep_sampler(kind: str, alphas_cumprod: torch.Tensor, device: torch.device) -> UniformSampler:
+    """The sampler --timestep-sampler names for a schedule's alpha_bar [T]: uniform, loss-aware or
+    log-normal."""
     if kind not in TIMESTEP_SAMPLERS:
         raise ValueError(f"unknown timestep sampler {kind!r}: choose one of {TIMESTEP_SAMPLERS}")
+    T = len(alphas_cumprod)
+    if kind == "log-normal":
+        return LogNormalSampler(alphas_cumprod)
     return UniformSampler(T) if kind == "uniform" else LossAwareSampler(T, device)

@@ -135,7 +135,7 @@ def prepare_run(job: TrainingJob, processes: Processes, out_dir: Path) -> Run:
         diffusion=diffusion, image_shape=tuple(config["image_shape"]), amp=plan.amp,
     )  # fmt: skip
     seed_everything(job.run.seed)  # the same initial weights on every rank
-    state = build_training_state(config, job, plan, processes.device)
+    state = build_training_state(config, job, plan, diffusion)
     start_random_streams(state, resumed, job.run.seed, processes)
     if processes.is_main:
         write_run_config(given, out_dir)  # the flags as given: --config reads back the same job
@@ -202,9 +202,10 @@ def load_training_data(job: TrainingJob, processes: Processes) -> TrainingData:
 
 
 def build_training_state(
-    config: dict[str, Any], job: TrainingJob, plan: SpeedPlan, device: torch.device
+    config: dict[str, Any], job: TrainingJob, plan: SpeedPlan, diffusion: GaussianDiffusion
 ) -> TrainingState:
     """U-Net, EMA, AdamW (fused on CUDA), grad scaler (fp16 only) and timestep sampler of a new run."""
+    device = diffusion.alphas_cumprod.device
     memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
     model = build_model(config).to(device).to(memory_format=memory_format)
     training = job.training
@@ -212,9 +213,9 @@ def build_training_state(
         model.parameters(), lr=training.lr, weight_decay=training.weight_decay, fused=device.type == "cuda"
     )
     scaler = torch.amp.GradScaler(device.type, enabled=plan.amp == "fp16")
-    sampler = make_timestep_sampler(training.timestep_sampler, config["diffusion"]["T"], device)
+    sampler = make_timestep_sampler(training.timestep_sampler, diffusion.alphas_cumprod, device)
     return TrainingState.create(
-        model, optimizer, scaler, training.ema_decay, data_seed=job.run.seed, timestep_sampler=sampler
+        model, optimizer, scaler, training.ema_decay, job.run.seed, sampler, training.ema_sigma_rel
     )
 
 
