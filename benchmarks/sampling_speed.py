@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add("--seed", type=int, default=0, help="seed of the weights (no checkpoint) and the noise")
     add("--json", default=None, help="also write the results to this JSON file")
-    SamplingSettings.add_flags(parser)
+    SamplingSettings.add_flags(parser, SamplingSettings(sampler="ddim"))  # the figures of docs/benchmarks.md
     RuntimeSettings.add_flags(parser)
     return parser.parse_args(argv)
 
