@@ -143,7 +143,7 @@ def test_min_snr_none_switches_a_preset_value_off_and_survives_the_run_config(tm
 
 
 def test_edm_recipe_resume_is_bit_exact(tiny_train_data, tmp_path):
-    """4 steps straight == 2 + resume + 2 with edm, log-normal t and the power EMA."""
+    """6 steps straight == 2 + resume + 4 with edm, log-normal t and the power EMA (all weights equal)."""
     flags = [
         "--epochs",
         "2",
