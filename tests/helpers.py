@@ -14,7 +14,7 @@ from torch import nn
 
 import vizu_MNIST
 from ddpm.datasets.sources import load_images
-from ddpm.plumbing.checkpointing import build_model
+from ddpm.plumbing.checkpointing import build_model, load_checkpoint
 from diffusion import EDM_SIGMA_DATA, GaussianDiffusion
 
 TINY_MODEL_CONFIG = {
@@ -57,6 +57,21 @@ TINY_TRAIN_FLAGS = [
 def tiny_train_argv(data: Path, out_dir: Path, *extra: str) -> list[str]:
     """train_MNIST.py flags of a tiny run (8-channel U-Net, T = 20, 3 steps per epoch of data)."""
     return [*TINY_TRAIN_FLAGS, "--data-dir", str(data), "--out-dir", str(out_dir), *extra]
+
+
+def straight_and_resumed(
+    data: Path, tmp_path: Path, flags: list[str], stop_at: int
+) -> tuple[dict, dict, dict]:
+    """last.pt of a tiny run trained straight (tmp_path/straight), of the same run stopped after stop_at
+    steps (tmp_path/split, read before it goes on), and of that run resumed to its end."""
+    import train_MNIST
+
+    train_MNIST.main(tiny_train_argv(data, tmp_path / "straight", *flags))
+    train_MNIST.main(tiny_train_argv(data, tmp_path / "split", *flags, "--max-steps", str(stop_at)))
+    halfway = load_checkpoint(tmp_path / "split" / "last.pt")
+    train_MNIST.main(tiny_train_argv(data, tmp_path / "split", *flags, "--resume", "latest"))
+    straight, resumed = (load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "split"))
+    return straight, halfway, resumed
 
 
 def broken_copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

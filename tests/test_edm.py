@@ -13,15 +13,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_train_argv
+from helpers import straight_and_resumed
 from torch import nn
 
-from ddpm.plumbing.checkpointing import load_checkpoint
 from ddpm.plumbing.presets import training_job_from_flags, write_run_config
 from ddpm.training.state import WarmupEMA, power_ema_decay_after, power_ema_exponent
 from ddpm.training.timestep_sampler import LOG_NORMAL_MEAN, LOG_NORMAL_STD, make_timestep_sampler
 from diffusion import EDM_SIGMA_DATA, GaussianDiffusion, cosine_alphas_cumprod, edm_coefficients
-from train_MNIST import main
 
 
 class InputSpy(nn.Module):
@@ -154,10 +152,7 @@ def test_edm_recipe_resume_is_bit_exact(tiny_train_data, tmp_path):
         "--ema-sigma-rel",
         "0.1",
     ]
-    main(tiny_train_argv(tiny_train_data, tmp_path / "straight", *flags))
-    main(tiny_train_argv(tiny_train_data, tmp_path / "split", *flags, "--max-steps", "2"))
-    main(tiny_train_argv(tiny_train_data, tmp_path / "split", *flags, "--resume", "latest"))
-    straight, resumed = (load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "split"))
+    straight, _, resumed = straight_and_resumed(tiny_train_data, tmp_path, flags, stop_at=2)
     assert straight["step"] == resumed["step"] == 6
     assert straight["config"]["diffusion"]["prediction"] == "edm"
     assert straight["config"]["train"]["training"]["ema_sigma_rel"] == 0.1

@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_train_argv
+from helpers import straight_and_resumed
 
-from ddpm.plumbing.checkpointing import load_checkpoint
 from ddpm.plumbing.processes import Processes
 from ddpm.training.timestep_sampler import (
     HISTORY_PER_T,
@@ -20,7 +19,6 @@ from ddpm.training.timestep_sampler import (
     make_timestep_sampler,
 )
 from diffusion import GaussianDiffusion
-from train_MNIST import main
 
 ALONE = Processes(rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -118,12 +116,8 @@ def test_loss_aware_learned_sigma_resume_is_bit_exact(tiny_train_data, tmp_path)
         "--timestep-sampler",
         "loss-aware",
     ]
-    main(tiny_train_argv(tiny_train_data, tmp_path / "straight", *flags))
-    main(tiny_train_argv(tiny_train_data, tmp_path / "split", *flags, "--max-steps", "2"))
-    halfway = load_checkpoint(tmp_path / "split" / "last.pt")
+    straight, halfway, resumed = straight_and_resumed(tiny_train_data, tmp_path, flags, stop_at=2)
     assert (halfway["timestep_sampler"]["count"] >= HISTORY_PER_T).all()
-    main(tiny_train_argv(tiny_train_data, tmp_path / "split", *flags, "--resume", "latest"))
-    straight, resumed = (load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "split"))
     assert straight["step"] == resumed["step"] == 4
     assert (
         straight["config"]["diffusion"]["learn_sigma"] and straight["model"]["output.2.weight"].shape[0] == 2
