@@ -159,7 +159,8 @@ def test_a_compile_that_works_is_used_and_later_errors_of_the_model_are_not_hidd
 def test_cpu_preset_sets_its_recipe_and_explicit_flags_win():
     job = training_job_from_flags(["--preset", "cpu"])
     assert job.model.channel_mult == (1, 2, 4, 4) and job.model.attn_resolutions == (4,)
-    assert (job.diffusion.prediction, job.training.min_snr_gamma, job.runtime.amp) == ("v", 5.0, "bf16")
+    assert (job.diffusion.prediction, job.training.min_snr_gamma) == ("v", 5.0)
+    assert job.runtime.amp == ("bf16" if runtime.cpu_has_native_bf16() else "none")  # emulated bf16 is slow
     assert (job.training.lr, job.training.ema_decay, job.model.dropout) == (2e-3, 0.999, 0.0)
     for key, value in PRESETS["cpu"].items():
         assert value in [

@@ -21,6 +21,7 @@ import eval_MNIST
 import train_MNIST
 import vizu_MNIST
 from ddpm.evaluation import train_classifier
+from ddpm.plumbing import runtime
 from ddpm.plumbing.checkpointing import load_checkpoint
 from ddpm.plumbing.cli import run_cli
 from ddpm.plumbing.config_file import CONFIG_NAME
@@ -214,6 +215,16 @@ def test_auto_on_mps_is_eager_fp32():
     plan = plan_speed("auto", "auto", "auto", "auto", torch.device("mps"))
     assert (plan.amp, plan.compile, plan.channels_last) == ("none", False, False)
     assert plan_speed("fp16", "on", "auto", "auto", torch.device("mps")).compile_mode == "default"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_says_it_is_emulated(native, monkeypatch, capsys):
+    """--amp bf16 is honoured on any CPU, with one line where the CPU has no bfloat16 of its own
+    (AVX512-BF16 or AMX), since emulated bf16 is many times slower than fp32."""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert plan_speed("bf16", "off", "auto", "off", torch.device("cpu")).amp == "bf16"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == (0 if native else 1) and all("autocast emulates it" in line for line in lines)
 
 
 @pytest.mark.parametrize(

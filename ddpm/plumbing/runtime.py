@@ -2,8 +2,10 @@
 
 The fast path is the default where it is fast: with `auto` (the default of every speed flag) a
 CUDA GPU gets bf16 autocast, torch.compile with CUDA graphs ("reduce-overhead") and channels_last
-weights, and a CPU runs eager in fp32. If compiling fails (no C++ compiler, an unsupported GPU, a
-torch error), the run goes on eager after one line that says why.
+weights, and a CPU runs eager in fp32. bf16 autocast pays on a CPU only where the CPU computes
+bfloat16 itself (AVX512-BF16 or AMX, `cpu_has_native_bf16`); elsewhere torch emulates it, many times
+slower than fp32, and `--amp bf16` on such a CPU says so in one line. If compiling fails (no C++
+compiler, an unsupported GPU, a torch error), the run goes on eager after one line that says why.
 
 `--device auto` takes a CUDA GPU, else an Apple-silicon GPU (MPS), else the CPU (`choose_device`).
 On MPS `auto` means eager fp32: --amp fp16 / bf16 and --compile on are there to opt in (bf16
@@ -76,6 +78,13 @@ def configure_fast_path(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles). Without either, a
+    training step of the cpu preset under bf16 autocast took 13x as long as in fp32 (AMD EPYC Zen 2,
+    AVX2; docs/benchmarks.md); with them bf16 is the faster of the two."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def resolve_amp(mode: str, device: torch.device, announce: Callable[[str], None] = note) -> str:
     """auto -> bf16 on a CUDA GPU that supports it, else none (on MPS too: fp32 until asked). An
     explicit mode the device lacks: a UserError on CUDA, fp32 after one line on MPS."""
@@ -137,6 +146,11 @@ def plan_speed(
     if compile_mode == "auto":
         compile_mode = GPU_COMPILE_MODE if on_cuda and processes == 1 else MULTI_PROCESS_COMPILE_MODE
     nhwc = {"auto": on_cuda, "on": True, "off": False}[channels_last]
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        note(
+            "--amp bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so autocast emulates it, "
+            "many times slower than fp32 (--amp none)"
+        )
     return SpeedPlan(resolve_amp(amp, device), compiled, compile_mode, nhwc)
 
 
