@@ -125,7 +125,7 @@ def test_time_to_digits_trains_through_the_trainer_and_evaluates(tmp_path):
     assert set(results) == {"real train digits", "ours"}
     ours = results["ours"]
     assert ours["train_command"].startswith("train_MNIST.py --preset cpu --data mnist-5k --max-minutes 0.02")
-    assert ours["steps"] >= 1 and ours["parameters"] == 1_128_577 and (out_dir / "ours" / "last.pt").is_file()
+    assert ours["steps"] >= 1 and ours["parameters"] == 1_129_281 and (out_dir / "ours" / "last.pt").is_file()
     assert math.isfinite(ours["fid"]) and "predicted-class histogram" in printed
 
 
