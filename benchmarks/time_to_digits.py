@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--train-flags",
         default="",
-        help="more train_MNIST.py flags for our side, after the preset's, e.g. '--prediction edm'",
+        help="more train_MNIST.py flags for our side, after the preset's, written with '=' (argparse reads "
+        "a lone '--flag' value as a flag): --train-flags=--no-class-cond",
     )
     add("--sampler", choices=SAMPLERS, default=SamplingSettings.sampler, help="our side's sampler")
     add("--steps", type=positive_int, default=SAMPLING_STEPS, help="our side's model evaluations per sample")
