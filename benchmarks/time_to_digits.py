@@ -2,14 +2,11 @@
 
 This repo's side is exactly `train_MNIST.py --preset cpu --data DATA --max-minutes M --clock C` (the
 trainer of trainer.py; the command is printed and recorded) followed by `eval_MNIST.py --metrics
-classifier --num-samples N` on its last.pt (evaluation.evaluate): a 1.13M class-conditional U-Net
-whose widths grow where the feature maps are small, v-prediction (Salimans & Ho 2022,
-arXiv:2202.00512), min-SNR-5 (Hang et al. 2023, arXiv:2303.09556), batch 128, AdamW 2e-3 with a
-cosine decay that reaches 0 when the budget does, EMA 0.999 with warm-up, bf16 autocast on a CPU
-with native bf16 (else fp32); sampled from the EMA weights, every class equally at guidance 1, with
-eval_MNIST.py's default, Heun with 50 model evaluations (Karras et al. 2022, arXiv:2206.00364,
-Algorithm 1), or --sampler / --steps. --train-flags adds train_MNIST.py flags after the preset's, for
-ablations (docs/benchmarks.md).
+classifier --num-samples N` on its last.pt (evaluation.evaluate): the cpu preset's recipe (its
+description is in ddpm/plumbing/presets.py) with an LR that reaches 0 when the budget does, sampled
+from the EMA weights, every class equally at guidance 1, with eval_MNIST.py's default, Heun with 50
+model evaluations (Karras et al. 2022, arXiv:2206.00364, Algorithm 1), or --sampler / --steps.
+--train-flags adds train_MNIST.py flags after the preset's, for ablations (docs/benchmarks.md).
 With --reference, the tuned diffusers set-up trains under the same budget in the same process and
 is judged by the same code (scoring.classifier_scores): UNet2DModel (32, 64, 64), 1 layer per
 block, no block attention (1,062,497 parameters), DDPMScheduler cosine ("squaredcos_cap_v2"),

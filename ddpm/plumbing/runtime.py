@@ -87,7 +87,8 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_amp(mode: str, device: torch.device, announce: Callable[[str], None] = note) -> str:
     """auto -> bf16 on a CUDA GPU that supports it, else none (on MPS too: fp32 until asked). An
-    explicit mode the device lacks: a UserError on CUDA, fp32 after one line on MPS."""
+    explicit mode the device lacks: a UserError on CUDA, fp32 after one line on MPS, and bf16 after
+    one line on a CPU that only emulates it."""
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if mode == "auto":
         return "bf16" if bf16_ok else "none"
@@ -96,12 +97,18 @@ def resolve_amp(mode: str, device: torch.device, announce: Callable[[str], None]
     if mode == "bf16" and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(*MPS_BF16_MACOS):
         announce("--amp bf16 on MPS needs macOS 14 or newer: running fp32 (or use --amp fp16)")
         return "none"
+    if mode == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        announce(
+            "--amp bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so autocast emulates it, "
+            "many times slower than fp32 (--amp none)"
+        )
     return mode
 
 
 def autocast_context(amp: str, device: torch.device) -> AbstractContextManager:
-    """The autocast of an --amp mode (auto resolved as resolve_amp does); a no-op for none."""
-    amp = resolve_amp(amp, device)
+    """The autocast of an --amp mode (auto resolved as resolve_amp does, silently: plan_speed has
+    said what there is to say once); a no-op for none."""
+    amp = resolve_amp(amp, device, announce=lambda message: None)
     return nullcontext() if amp == "none" else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
@@ -146,11 +153,6 @@ def plan_speed(
     if compile_mode == "auto":
         compile_mode = GPU_COMPILE_MODE if on_cuda and processes == 1 else MULTI_PROCESS_COMPILE_MODE
     nhwc = {"auto": on_cuda, "on": True, "off": False}[channels_last]
-    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        note(
-            "--amp bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so autocast emulates it, "
-            "many times slower than fp32 (--amp none)"
-        )
     return SpeedPlan(resolve_amp(amp, device), compiled, compile_mode, nhwc)
 
 
