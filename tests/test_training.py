@@ -379,6 +379,10 @@ def bad_input_cases(
             [*fresh, "--resume", str(finished_run / "last.pt"), "--model-channels", "16"],
             "is another setup (model_channels 8 there, 16 here): resume it with its own flags",
         ),
+        "other batch size": (
+            [*fresh, "--resume", str(finished_run / "last.pt"), "--batch-size", "8"],
+            "is another setup (batch_size 16 there, 8 here): resume it with its own flags",
+        ),
         "no training state": ([*fresh, "--resume", str(weights_only)], "can be evaluated but not resumed"),
         "run already there": (
             tiny_argv(tiny_train_data, finished_run),

@@ -6,7 +6,7 @@ Presets (`train_MNIST.py --preset NAME`) replace some defaults; flags given expl
        whose widths grow where the feature maps are small, class-conditional (label dropout 0.1, so
        that guidance works; eval samples every class equally, at guidance 1), v-prediction
        (Salimans & Ho 2022, arXiv:2202.00512), min-SNR-5 weights (Hang et al. 2023,
-       arXiv:2303.09556), AdamW 2e-3, EMA 0.999, bf16 autocast where the CPU computes bfloat16
+       arXiv:2303.09556), AdamW 2e-3, batch 64, EMA 0.999, bf16 autocast where the CPU computes bfloat16
        itself (AVX512-BF16 or AMX), else fp32
   cifar10  Ho et al. 2020's CIFAR-10 run (arXiv:2006.11239, appendix B): a 35.7M U-Net of 128 channels,
        widths 1,2,2,2, 2 blocks per level, attention at 16x16, dropout 0.1, the embedding added
@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 2e-3,
         "warmup_steps": 100,
         "ema_decay": 0.999,
-        "batch_size": 128,
+        "batch_size": 64,  # twice the steps of batch 128 in the same CPU time, and better digits
         "amp": CPU_AMP,
         "eval_every": 0,  # 1,000 samples cost 1.7 MNIST-5k epochs on 2 CPU cores: on request only
     },

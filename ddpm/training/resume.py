@@ -3,8 +3,8 @@ that must fit the flags.
 
 --resume latest takes the newest checkpoint of the output folder (last.pt, else the highest
 <data>_epoch_XX.pt; none: a new run), --resume PATH that file. A resume is refused in one line when
-its model, diffusion or data differ from the flags (`setup_differences`) or when it was written by
-another number of processes (its batches and LR schedule count its own). A new run refuses a folder
+its model, diffusion, data or batch size differ from the flags (`setup_differences`) or when it was
+written by another number of processes (its batches and LR schedule count its own). A new run refuses a folder
 that already holds checkpoints. A resume restores every RNG state, so 2 + resume + 2 steps equal 4
 straight (nanoGPT's resume reseeded instead; here each rank's streams come back bit for bit).
 
@@ -45,7 +45,8 @@ class Resumed:
 
 
 def setup_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """'key <checkpoint value> there, <flag value> here' for each model, diffusion or data difference."""
+    """'key <checkpoint value> there, <flag value> here' for each model, diffusion, data or batch-size
+    difference."""
     differences = []
     for section in SETUP_SECTIONS:
         saved_section, section_config = saved.get(section, {}), config[section]
@@ -58,7 +59,15 @@ def setup_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str
     for key in DATA_KEYS:
         if saved.get(key) != config[key]:
             differences.append(f"{key} {saved.get(key)} there, {config[key]} here")
+    there, here = recorded_batch_size(saved), recorded_batch_size(config)
+    if there is not None and here is not None and there != here:  # the epoch position counts its batches
+        differences.append(f"batch_size {there} there, {here} here")
     return differences
+
+
+def recorded_batch_size(config: dict[str, Any]) -> int | None:
+    """The --batch-size a run config records (None where it records none)."""
+    return config.get("train", {}).get("training", {}).get("batch_size")
 
 
 def checkpoint_to_resume(
