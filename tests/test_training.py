@@ -353,6 +353,7 @@ def bad_input_cases(
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     fresh = tiny_argv(tiny_train_data, tmp_path / "fresh")
+    own_flags = f"resume it with its own flags (--config {finished_run / 'config.toml'})"
     return {
         "zero epochs": ([*fresh, "--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
         "negative batch": ([*fresh, "--batch-size", "-8"], "argument --batch-size: must be a positive"),
@@ -377,11 +378,11 @@ def bad_input_cases(
         "corrupt resume": ([*fresh, "--resume", str(corrupt)], "is not a readable checkpoint"),
         "other architecture": (
             [*fresh, "--resume", str(finished_run / "last.pt"), "--model-channels", "16"],
-            "is another setup (model_channels 8 there, 16 here): resume it with its own flags",
+            f"is another setup (model_channels 8 there, 16 here): {own_flags}",
         ),
         "other batch size": (
             [*fresh, "--resume", str(finished_run / "last.pt"), "--batch-size", "8"],
-            "is another setup (batch_size 16 there, 8 here): resume it with its own flags",
+            f"is another setup (batch_size 16 there, 8 here): {own_flags}",
         ),
         "no training state": ([*fresh, "--resume", str(weights_only)], "can be evaluated but not resumed"),
         "run already there": (
@@ -398,8 +399,8 @@ def bad_input_cases(
 BAD_INPUTS = [
     "zero epochs", "negative batch", "zero lr", "T below 2", "zero grad-accum",
     "grad-accum not dividing the batch", "no MPS here", "unknown data", "compile mode alone",
-    "unwritable out-dir", "missing resume", "corrupt resume", "other architecture", "no training state",
-    "run already there", "resume into another run",
+    "unwritable out-dir", "missing resume", "corrupt resume", "other architecture", "other batch size",
+    "no training state", "run already there", "resume into another run",
 ]  # fmt: skip
 
 

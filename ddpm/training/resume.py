@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.plumbing.checkpointing import CheckpointError, latest_checkpoint, load_checkpoint
+from ddpm.plumbing.config_file import CONFIG_NAME
 from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.presets import TrainingJob
 from ddpm.plumbing.processes import Processes
@@ -90,8 +91,10 @@ def checkpoint_to_resume(
         refuse_to_overwrite(out_dir)
     differences = setup_differences(checkpoint["config"], config)
     if differences:
+        run_config = path.parent / CONFIG_NAME
+        own_flags = f" (--config {run_config})" if run_config.is_file() else ""
         raise CheckpointError(
-            f"{path} is another setup ({'; '.join(differences[:3])}): resume it with its own flags"
+            f"{path} is another setup ({'; '.join(differences[:3])}): resume it with its own flags{own_flags}"
         )
     return Resumed(checkpoint=checkpoint, path=path)
 
