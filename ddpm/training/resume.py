@@ -2,11 +2,12 @@
 that must fit the flags.
 
 --resume latest takes the newest checkpoint of the output folder (last.pt, else the highest
-<data>_epoch_XX.pt; none: a new run), --resume PATH that file. A resume is refused in one line when
-its model, diffusion, data or batch size differ from the flags (`setup_differences`) or when it was
-written by another number of processes (its batches and LR schedule count its own). A new run refuses a folder
-that already holds checkpoints. A resume restores every RNG state, so 2 + resume + 2 steps equal 4
-straight (nanoGPT's resume reseeded instead; here each rank's streams come back bit for bit).
+<data>_epoch_XX.pt; none: a new run), --resume PATH that file. A resume is refused in one line,
+naming the run's config.toml, when its model, diffusion, data or batch size differ from the flags
+(`setup_differences`); also when it was written by another number of processes (its batches and LR
+schedule count its own). A new run refuses a folder that already holds checkpoints. A resume
+restores every RNG state, so 2 + resume + 2 steps equal 4 straight (nanoGPT's resume reseeded
+instead; here each rank's streams come back bit for bit).
 
 Example:
     resumed = checkpoint_to_resume(job, out_dir, config, processes)  # None: a new run
