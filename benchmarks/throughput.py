@@ -35,7 +35,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -52,8 +51,8 @@ from ddpm.plumbing.messages import UserError
 from ddpm.plumbing.output_files import atomic_write, write_json
 from ddpm.plumbing.presets import PRESETS, TrainingJob
 from ddpm.plumbing.runtime import (
-    AMP_DTYPES,
     SpeedPlan,
+    autocast_context,
     configure_fast_path,
     plan_speed,
     prepare_unet,
@@ -205,13 +204,8 @@ class Contestant:
         self.t = torch.randint(0, T_RANGE, (args.batch_size,), generator=generator, device=device)
         self.device, self.amp, self.iters = device, plan.amp, args.iters
 
-    def autocast(self):
-        if self.amp == "none":
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
-
     def train_step(self) -> None:
-        with self.autocast():
+        with autocast_context(self.amp, self.device):
             loss = F.mse_loss(self.forward(self.x, self.t).float(), self.target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,7 +213,7 @@ class Contestant:
 
     @torch.inference_mode()
     def forward_pass(self) -> None:
-        with self.autocast():
+        with autocast_context(self.amp, self.device):
             self.forward(self.x, self.t)
 
     def images_per_second(self, step) -> float:

@@ -106,9 +106,8 @@ def resolve_amp(mode: str, device: torch.device, announce: Callable[[str], None]
 
 
 def autocast_context(amp: str, device: torch.device) -> AbstractContextManager:
-    """The autocast of an --amp mode (auto resolved as resolve_amp does, silently: plan_speed has
-    said what there is to say once); a no-op for none."""
-    amp = resolve_amp(amp, device, announce=lambda message: None)
+    """The autocast of a resolved amp mode (a SpeedPlan's: none, bf16 or fp16); a no-op for none.
+    Called at every step, so it judges nothing: plan_speed resolved the mode once."""
     return nullcontext() if amp == "none" else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
